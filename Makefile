@@ -1,0 +1,32 @@
+# fastalign: set-up, tests and benchmarks on a fresh machine.
+#   make test    create or reuse .venv, install, run the test suite
+#   make bench   run the kernel benchmarks and write benchmarks/out/results.md
+PYTHON ?= python3
+VENV ?= .venv
+# torch is installed first, and only when it is not importable: a bare `torch` requirement on a
+# machine without it would pull the newest CUDA build. Override, e.g. TORCH_SPEC="torch==2.13.0".
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fastalign-installed
+PYTEST_ARGS ?=
+
+.PHONY: install test bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
+	$(PY) -m pip install -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+bench: install
+	$(PY) -m benchmarks $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks benchmarks/out

@@ -1,0 +1,374 @@
+"""Row-wise softmax statistics: token log-probs and entropy, without a log-softmax kept alive.
+
+For a row of logits ``x`` over a vocabulary of ``V`` entries, temperature ``T`` and label ``y``:
+
+    z_j     = x_j / T
+    m       = max_j z_j,   s = sum_j e^{z_j - m},   t = sum_j e^{z_j - m} (z_j - m)   (online over tiles)
+    log p_j = (z_j - m) - log s
+    logp    = log p_y                                   (0 where y == ignore_index)
+    H       = -sum_j p_j log p_j = log s - t / s
+
+Backward, with upstream gradients ``g`` (of logp) and ``g_H`` (of H), p = softmax(z):
+
+    dL/dx_j = (1/T) * ( g * ([j == y] - p_j)  -  g_H * p_j * (log p_j + H) )
+
+Only the normaliser ``(m, log s)`` (and ``H``) per row is kept between forward and backward;
+backward re-reads the logits, which the caller holds anyway. ``m`` and ``log s`` are kept apart
+rather than summed into one log-sum-exp: at logits near 1e4 the sum rounds to 1e-3 in fp32, while
+``z - m`` stays exact. Everything accumulates in fp32 whatever the input dtype.
+
+Public ops: ``selective_logprobs`` (the log-prob of each label) and ``entropy_from_logits``.
+``row_stats`` / ``row_grad`` are the building blocks ``linear_logprobs`` reuses per chunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ._dispatch import resolve_backend
+
+# Torch path: rows per chunk so that one chunk of fp32 logits stays within this many bytes.
+CHUNK_BYTES = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class RowOptions:
+    """The knobs shared by every row op (scalars travel to kernels as runtime arguments)."""
+
+    ignore_index: int = -100
+    temperature: float = 1.0
+    backend: str = "torch"
+    chunk_size: int | None = None  # rows per chunk on the torch path; None derives it from CHUNK_BYTES
+
+    def rows_per_chunk(self, vocab: int) -> int:
+        return self.chunk_size or max(1, CHUNK_BYTES // (4 * vocab))
+
+
+def make_options(device, ignore_index, temperature, chunk_size, backend) -> RowOptions:
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
+    return RowOptions(int(ignore_index), float(temperature), resolve_backend(device, backend), chunk_size)
+
+
+def check_labels(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """Every label is a vocabulary id or ``ignore_index``; name the first that is not."""
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if bad.any():
+        where = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"labels{list(where)} = {int(labels[where])} is not a vocabulary id in [0, {vocab}) "
+            f"nor ignore_index ({ignore_index})"
+        )
+
+
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """A ``[B, T, V]`` view of ``[..., V]`` logits with a unit vocabulary stride (copies only if needed)."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if x.dim() == 1:
+        return x.view(1, 1, -1)
+    if x.dim() == 2:
+        return x.unsqueeze(0)
+    return x if x.dim() == 3 else x.flatten(0, -3)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton path: one program per row, a loop over vocabulary tiles.
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _row_stats_kernel(
+    X, stride_xb, stride_xt, T,
+    LABELS, LOGP, NORM, ENT,
+    V, temperature, ignore_index,
+    HAS_LABELS: tl.constexpr, WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = X + (row // T) * stride_xb + (row % T) * stride_xt
+
+    # 1. Online log-sum-exp over vocabulary tiles: running max m, s = sum e^{z-m},
+    #    and for the entropy t = sum e^{z-m} (z-m), all rescaled whenever m grows.
+    m = tl.full((), float("-inf"), tl.float32)
+    s = tl.zeros((), tl.float32)
+    t = tl.zeros((), tl.float32)
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        z = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32) / temperature
+        m_new = tl.maximum(m, tl.max(z, 0))
+        alpha = tl.exp(m - m_new)
+        e = tl.exp(z - m_new)
+        if WITH_ENTROPY:
+            shift = tl.where(s > 0, m - m_new, 0.0) * s
+            t = alpha * (t + shift) + tl.sum(e * tl.where(e > 0, z - m_new, 0.0), 0)
+        s = s * alpha + tl.sum(e, 0)
+        m = m_new
+    log_s = tl.log(s)
+    tl.store(NORM + 2 * row, m)
+    tl.store(NORM + 2 * row + 1, log_s)
+
+    # 2. The label's log-prob: one scalar load of its logit.
+    valid = True
+    if HAS_LABELS:
+        y = tl.load(LABELS + row)
+        valid = y != ignore_index
+        z_y = tl.load(x_row + y, mask=valid, other=0.0).to(tl.float32) / temperature
+        tl.store(LOGP + row, tl.where(valid, (z_y - m) - log_s, 0.0))
+
+    # 3. Entropy from the same pass: H = log s - t / s (0 on ignored rows).
+    if WITH_ENTROPY:
+        tl.store(ENT + row, tl.where(valid, log_s - t / s, 0.0))
+
+
+@triton.jit
+def _row_grad_kernel(
+    X, stride_xb, stride_xt, T,
+    DX, stride_db, stride_dt,
+    LABELS, NORM, ENT, G_LOGP, G_ENT,
+    V, temperature, ignore_index,
+    HAS_LABELS: tl.constexpr, WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = X + (row // T) * stride_xb + (row % T) * stride_xt
+    dx_row = DX + (row // T) * stride_db + (row % T) * stride_dt
+
+    # 1. Per-row scalars; 1/T is folded into the upstream gradients, ignored rows get zero.
+    m = tl.load(NORM + 2 * row)
+    log_s = tl.load(NORM + 2 * row + 1)
+    inv_temp = 1.0 / temperature
+    g = tl.zeros((), tl.float32)
+    y = -1
+    valid = True
+    if HAS_LABELS:
+        y = tl.load(LABELS + row)
+        valid = y != ignore_index
+        g = tl.where(valid, tl.load(G_LOGP + row), 0.0) * inv_temp
+    if WITH_ENTROPY:
+        g_ent = tl.where(valid, tl.load(G_ENT + row), 0.0) * inv_temp
+        ent = tl.load(ENT + row)
+
+    # 2. Re-read each tile, rebuild p from (m, log s), write the gradient in the output's dtype.
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = cols < V
+        z = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32) / temperature
+        logq = (z - m) - log_s
+        p = tl.exp(logq)
+        dz = -g * p
+        if WITH_ENTROPY:
+            dz -= tl.where(p > 0, g_ent * p * (logq + ent), 0.0)
+        if HAS_LABELS:
+            dz = tl.where(cols == y, dz + g, dz)
+        tl.store(dx_row + cols, dz.to(DX.dtype.element_ty), mask=mask)
+
+
+def _launch_config(vocab: int) -> dict:
+    block = min(triton.next_power_of_2(vocab), 4096)
+    return {"BLOCK_V": block, "num_warps": 8 if block >= 2048 else 4}
+
+
+def _row_stats_triton(x3, labels, opts, with_entropy):
+    B, T, V = x3.shape
+    norm = torch.empty(B, T, 2, dtype=torch.float32, device=x3.device)
+    logp = torch.empty(B, T, dtype=torch.float32, device=x3.device) if labels is not None else None
+    ent = torch.empty(B, T, dtype=torch.float32, device=x3.device) if with_entropy else None
+    _row_stats_kernel[(B * T,)](
+        x3, x3.stride(0), x3.stride(1), T,
+        labels if labels is not None else norm, logp if logp is not None else norm, norm,
+        ent if ent is not None else norm,
+        V, opts.temperature, opts.ignore_index,
+        HAS_LABELS=labels is not None, WITH_ENTROPY=with_entropy, **_launch_config(V),
+    )
+    return logp, norm, ent
+
+
+def _row_grad_triton(x3, out3, labels, norm, ent, g_logp, g_ent, opts):
+    B, T, V = x3.shape
+    _row_grad_kernel[(B * T,)](
+        x3, x3.stride(0), x3.stride(1), T,
+        out3, out3.stride(0), out3.stride(1),
+        labels if labels is not None else norm, norm,
+        ent if g_ent is not None else norm,
+        g_logp if g_logp is not None else norm,
+        g_ent if g_ent is not None else norm,
+        V, opts.temperature, opts.ignore_index,
+        HAS_LABELS=labels is not None, WITH_ENTROPY=g_ent is not None, **_launch_config(V),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Torch path: chunks of rows, fp32 temporaries bounded by CHUNK_BYTES.
+# ----------------------------------------------------------------------------------------------
+
+
+def _chunks(x3: torch.Tensor, opts: RowOptions):
+    """(b, start, end) over every row of ``x3``, ``opts.rows_per_chunk`` rows at a time."""
+    B, T, V = x3.shape
+    step = opts.rows_per_chunk(V)
+    for b in range(B):
+        for start in range(0, T, step):
+            yield b, start, min(start + step, T)
+
+
+def _row_stats_torch(x3, labels, opts, with_entropy):
+    B, T, _ = x3.shape
+    norm = torch.empty(B, T, 2, dtype=torch.float32, device=x3.device)
+    logp = torch.empty(B, T, dtype=torch.float32, device=x3.device) if labels is not None else None
+    ent = torch.empty(B, T, dtype=torch.float32, device=x3.device) if with_entropy else None
+    for b, s, e in _chunks(x3, opts):
+        z = x3[b, s:e].float()
+        if opts.temperature != 1.0:
+            z = z / opts.temperature
+        m = z.amax(dim=-1, keepdim=True)
+        z_m = z - m
+        log_s = z_m.exp().sum(-1, keepdim=True).log()
+        norm[b, s:e, 0], norm[b, s:e, 1] = m[:, 0], log_s[:, 0]
+        valid = None
+        if labels is not None:
+            y = labels[b, s:e]
+            valid = y != opts.ignore_index
+            picked = z_m.gather(-1, torch.where(valid, y, 0).unsqueeze(-1)) - log_s
+            logp[b, s:e] = torch.where(valid, picked[:, 0], 0.0)
+        if with_entropy:
+            logq = z_m.sub_(log_s)
+            p = logq.exp()
+            h = -torch.where(p > 0, p * logq, 0.0).sum(-1)
+            ent[b, s:e] = h if valid is None else torch.where(valid, h, 0.0)
+    return logp, norm, ent
+
+
+def _row_grad_torch(x3, out3, labels, norm, ent, g_logp, g_ent, opts):
+    in_place = out3.data_ptr() == x3.data_ptr() and x3.dtype == torch.float32
+    inv_temp = 1.0 / opts.temperature
+    for b, s, e in _chunks(x3, opts):
+        buf = x3[b, s:e] if in_place else x3[b, s:e].to(torch.float32, copy=True)
+        if opts.temperature != 1.0:
+            buf.div_(opts.temperature)
+        buf.sub_(norm[b, s:e, 0:1]).sub_(norm[b, s:e, 1:2])  # buf = log p
+        valid = labels[b, s:e] != opts.ignore_index if labels is not None else None
+        # 1/T folded into the upstream gradients; ignored rows get none.
+        g = torch.zeros_like(norm[b, s:e, 0]) if g_logp is None else g_logp[b, s:e] * inv_temp
+        if valid is not None:
+            g = torch.where(valid, g, 0.0)
+        if g_ent is not None:
+            ge = g_ent[b, s:e] * inv_temp
+            if valid is not None:
+                ge = torch.where(valid, ge, 0.0)
+            p = buf.exp()
+            # dz = -p * (g + g_H * (log p + H)), zero where p underflows to 0
+            buf.add_(ent[b, s:e].unsqueeze(-1)).mul_(ge.unsqueeze(-1)).add_(g.unsqueeze(-1)).mul_(p).neg_()
+            buf.masked_fill_(p == 0, 0.0)
+        else:
+            buf.exp_().mul_(-g.unsqueeze(-1))
+        if labels is not None:
+            buf.scatter_add_(-1, torch.where(valid, labels[b, s:e], 0).unsqueeze(-1), g.unsqueeze(-1))
+        if not in_place:
+            out3[b, s:e] = buf
+
+
+def row_stats(x3, labels, opts: RowOptions, with_entropy: bool):
+    """fp32 ``(logp, norm, entropy)`` of every row of ``x3 [B, T, V]``.
+
+    ``norm [B, T, 2]`` holds each row's ``(max, log-sum-exp below the max)``, what ``row_grad``
+    needs; ``logp`` is None without labels, ``entropy`` None unless asked.
+    """
+    fn = _row_stats_triton if opts.backend == "triton" else _row_stats_torch
+    return fn(x3, labels, opts, with_entropy)
+
+
+def row_grad(x3, out3, labels, norm, ent, g_logp, g_ent, opts: RowOptions) -> None:
+    """Write dL/dx for ``x3`` into ``out3`` (which may be ``x3`` itself when it is fp32)."""
+    fn = _row_grad_triton if opts.backend == "triton" else _row_grad_torch
+    fn(x3, out3, labels, norm, ent, g_logp, g_ent, opts)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference: plain fp32 torch, differentiable by autograd, obviously correct.
+# ----------------------------------------------------------------------------------------------
+
+
+def selective_logprobs_reference(logits, labels, ignore_index=-100, temperature=1.0):
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    valid = labels != ignore_index
+    picked = logp.gather(-1, torch.where(valid, labels, 0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(valid, picked, 0.0)
+
+
+def entropy_from_logits_reference(logits):
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd and the public ops.
+# ----------------------------------------------------------------------------------------------
+
+
+class _SelectiveLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, labels, opts):
+        x3 = as_rows(logits)
+        y3 = labels.reshape(x3.shape[:2]).long()
+        logp, norm, _ = row_stats(x3, y3, opts, with_entropy=False)
+        ctx.save_for_backward(logits, y3, norm)
+        ctx.opts = opts
+        return logp.view(labels.shape)
+
+    @staticmethod
+    def backward(ctx, grad_logp):
+        logits, y3, norm = ctx.saved_tensors
+        x3 = as_rows(logits)
+        grad = torch.empty(x3.shape, dtype=logits.dtype, device=logits.device)
+        g = grad_logp.reshape(y3.shape).float().contiguous()
+        row_grad(x3, grad, y3, norm, None, g, None, ctx.opts)
+        return grad.view(logits.shape), None, None
+
+
+class _Entropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, opts):
+        x3 = as_rows(logits)
+        _, norm, ent = row_stats(x3, None, opts, with_entropy=True)
+        ctx.save_for_backward(logits, norm, ent)
+        ctx.opts = opts
+        return ent.view(logits.shape[:-1])
+
+    @staticmethod
+    def backward(ctx, grad_ent):
+        logits, norm, ent = ctx.saved_tensors
+        x3 = as_rows(logits)
+        grad = torch.empty(x3.shape, dtype=logits.dtype, device=logits.device)
+        g = grad_ent.reshape(ent.shape).float().contiguous()
+        row_grad(x3, grad, None, norm, ent, None, g, ctx.opts)
+        return grad.view(logits.shape), None
+
+
+def selective_logprobs(logits, labels, ignore_index=-100, temperature=1.0, *, chunk_size=None, backend=None):
+    """fp32 log-prob of each label under ``softmax(logits / temperature)``; 0 where ignored.
+
+    ``logits [..., V]`` in fp32/bf16/fp16, ``labels [...]`` integer. The backward pass rebuilds the
+    softmax from the saved per-row log-sum-exp instead of keeping a ``[..., V]`` log-softmax.
+    """
+    if logits.dim() < 1 or labels.shape != logits.shape[:-1]:
+        raise ValueError(f"labels {tuple(labels.shape)} must match logits {tuple(logits.shape)} minus the vocabulary dim")
+    opts = make_options(logits.device, ignore_index, temperature, chunk_size, backend)
+    check_labels(labels, logits.shape[-1], opts.ignore_index)
+    if opts.backend == "reference":
+        return selective_logprobs_reference(logits, labels, ignore_index, temperature)
+    return _SelectiveLogprobs.apply(logits, labels, opts)
+
+
+def entropy_from_logits(logits, *, chunk_size=None, backend=None):
+    """fp32 entropy of ``softmax(logits)`` over the last dim, computed in chunks; differentiable."""
+    opts = make_options(logits.device, -100, 1.0, chunk_size, backend)
+    if opts.backend == "reference":
+        return entropy_from_logits_reference(logits)
+    return _Entropy.apply(logits, opts)

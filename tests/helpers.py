@@ -1,0 +1,23 @@
+"""Helpers shared by the tests (on sys.path through pytest's `pythonpath` setting)."""
+
+import torch
+
+# Where the Triton path runs: natively on a GPU, else interpreted on the CPU.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# Machine epsilon of each input dtype (distance from 1.0 to the next representable number).
+EPS = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+
+
+def assert_close(actual, expected, rtol, what=""):
+    """Within ``rtol`` relative, element-wise or against the tensor's largest entry.
+
+    Entries near zero come from cancellation (a softmax gradient is p - 1[y]), so an element-wise
+    relative bound alone would demand more than fp32 holds there; they are held to ``rtol`` times
+    the tensor's scale instead. A tensor that should be all zeros must be (almost) exactly zero.
+    """
+    actual, expected = actual.detach().float().cpu(), expected.detach().float().cpu()
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    torch.testing.assert_close(
+        actual, expected, rtol=rtol, atol=rtol * scale + 1e-30, msg=lambda m: f"{what}: {m}"
+    )

@@ -4,18 +4,25 @@
     logp_i = log softmax(logits_i / T)[y_i]     (0 where y_i == ignore_index)
     H_i    = entropy of softmax(logits_i / T)   (optional, 0 where ignored)
 
-A ``[N, V]`` logits tensor is never materialised. Tokens go through in chunks of ``C`` rows: each
-chunk's ``[C, V]`` logits are one matmul, reduced at once to the per-row softmax normaliser by the
-row kernels of ``logprobs.py`` (an online log-sum-exp over vocabulary tiles on the Triton path).
-Only that normaliser (and ``H``) per token is kept. Backward recomputes each chunk's logits, turns them in place
-into ``dL/dlogits`` (same row kernels), and accumulates
+A ``[N, V]`` logits tensor is never materialised.
 
-    grad_hidden[chunk] = dlogits @ weight        grad_weight += dlogits.T @ hidden[chunk]
-    grad_bias += dlogits.sum(0)
+Forward goes through the tokens in chunks of ``C`` rows: each chunk's ``[C, V]`` logits are one
+matmul, reduced at once to the per-row softmax normaliser ``(max, log-sum)`` by the row kernels of
+``logprobs.py`` (an online log-sum-exp over vocabulary tiles on the Triton path). Only that
+normaliser (and ``H``) per token is kept.
 
-with ``grad_weight``/``grad_bias`` accumulated in fp32. A per-token output has an unknown upstream
-gradient, so backward costs one recomputing matmul on top of the naive three: 4/3 of the
-lm_head's own matmul time is the floor. Memory: one chunk of logits plus the gradients.
+Backward needs no online reduction any more (the normaliser is known), so it goes through the
+vocabulary instead, in tiles of ``Vt`` columns for all ``N`` tokens: recompute ``[N, Vt]`` logits,
+turn them in place into ``dL/dlogits`` (same row kernels), then
+
+    grad_weight[tile] = dlogits.T @ hidden       grad_bias[tile] = dlogits.sum(0)
+    grad_hidden      += dlogits @ weight[tile]   (an [N, H] fp32 accumulator)
+
+Every matmul has a large inner dimension and each weight-gradient block is written once, where
+chunking the backward over tokens would re-read and re-write the whole ``[V, H]`` weight gradient
+per chunk. A per-token output has an unknown upstream gradient, so backward costs one recomputing
+matmul on top of the naive three: 4/3 of the lm_head's own matmul time is the floor. Memory: one
+chunk of logits, plus the gradients themselves.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import dataclasses
 
 import torch
 
-from .logprobs import RowOptions, check_labels, make_options, row_grad, row_stats
+from .logprobs import CHUNK_BYTES, RowOptions, check_labels, make_options, row_grad, row_stats
 
 
 def _chunk_logits(hidden, weight, bias):
@@ -59,35 +66,38 @@ class _LinearLogprobs(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_ent=None):
         hidden, weight, bias, labels, norm, ent = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        n, step = hidden.shape[0], ctx.step
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
-        g_logp = None if grad_logp is None else grad_logp.float().contiguous()
-        g_ent = None if grad_ent is None else grad_ent.float().contiguous()
-        for s in range(0, n, step):
-            e = min(s + step, n)
-            dlogits = _chunk_logits(hidden[s:e], weight, bias).unsqueeze(0)
+        (n, h), v = hidden.shape, weight.shape[0]
+        low_precision = weight.dtype != torch.float32
+        grad_h = torch.zeros(n, h, dtype=torch.float32, device=hidden.device) if need_h else None
+        grad_w = torch.empty_like(weight) if need_w else None
+        grad_b = torch.empty_like(bias) if need_b else None
+        g_logp = None if grad_logp is None else grad_logp.float().contiguous().unsqueeze(0)
+        g_ent = None if grad_ent is None else grad_ent.float().contiguous().unsqueeze(0)
+        # Tiles over the vocabulary: every token's logits for columns v0:v1 at once.
+        step = max(1, CHUNK_BYTES // (4 * n))
+        for v0 in range(0, v, step):
+            v1 = min(v0 + step, v)
+            w_tile = weight[v0:v1]
+            # 1. Recompute the tile's logits and turn them, in place, into dL/dlogits (fp32).
+            dlogits = _chunk_logits(hidden, w_tile, None if bias is None else bias[v0:v1]).unsqueeze(0)
             row_grad(
-                dlogits, dlogits, labels[s:e].unsqueeze(0), norm[s:e].unsqueeze(0),
-                None if ent is None else ent[s:e].unsqueeze(0),
-                None if g_logp is None else g_logp[s:e].unsqueeze(0),
-                None if g_ent is None else g_ent[s:e].unsqueeze(0),
-                ctx.opts,
+                dlogits, dlogits, labels.unsqueeze(0), norm.unsqueeze(0),
+                None if ent is None else ent.unsqueeze(0), g_logp, g_ent, ctx.opts, col0=v0,
             )
             dlogits = dlogits[0]
+            # 2. The matmuls run in the input dtype (fp32 accumulation inside each): the weight
+            #    and bias tiles are written once; the hidden gradient sums over tiles in fp32.
+            d = dlogits.to(weight.dtype) if low_precision else dlogits
             if need_h:
-                torch.mm(dlogits.to(weight.dtype), weight, out=grad_h[s:e])
+                if low_precision:
+                    grad_h += d @ w_tile
+                else:
+                    grad_h.addmm_(d, w_tile)
             if need_w:
-                grad_w.addmm_(dlogits.t(), hidden[s:e].float())
+                torch.mm(d.t(), hidden, out=grad_w[v0:v1])
             if need_b:
-                grad_b += dlogits.sum(0)
-        return (
-            grad_h,
-            None if grad_w is None else grad_w.to(weight.dtype),
-            None if grad_b is None else grad_b.to(bias.dtype),
-            None, None, None,
-        )
+                grad_b[v0:v1] = dlogits.sum(0)
+        return (None if grad_h is None else grad_h.to(hidden.dtype)), grad_w, grad_b, None, None, None
 
 
 def linear_logprobs_reference(hidden, weight, labels, bias=None, ignore_index=-100, temperature=1.0, return_entropy=False):

@@ -133,9 +133,10 @@ def _row_grad_kernel(
     X, stride_xb, stride_xt, T,
     DX, stride_db, stride_dt,
     LABELS, NORM, ENT, G_LOGP, G_ENT,
-    V, temperature, ignore_index,
+    V, col0, temperature, ignore_index,
     HAS_LABELS: tl.constexpr, WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
+    # The row's V columns are vocabulary ids col0 .. col0 + V - 1 (a tile of the vocabulary).
     row = tl.program_id(0).to(tl.int64)
     x_row = X + (row // T) * stride_xb + (row % T) * stride_xt
     dx_row = DX + (row // T) * stride_db + (row % T) * stride_dt
@@ -166,7 +167,7 @@ def _row_grad_kernel(
         if WITH_ENTROPY:
             dz -= tl.where(p > 0, g_ent * p * (logq + ent), 0.0)
         if HAS_LABELS:
-            dz = tl.where(cols == y, dz + g, dz)
+            dz = tl.where(cols + col0 == y, dz + g, dz)
         tl.store(dx_row + cols, dz.to(DX.dtype.element_ty), mask=mask)
 
 
@@ -190,7 +191,7 @@ def _row_stats_triton(x3, labels, opts, with_entropy):
     return logp, norm, ent
 
 
-def _row_grad_triton(x3, out3, labels, norm, ent, g_logp, g_ent, opts):
+def _row_grad_triton(x3, out3, labels, norm, ent, g_logp, g_ent, opts, col0):
     B, T, V = x3.shape
     _row_grad_kernel[(B * T,)](
         x3, x3.stride(0), x3.stride(1), T,
@@ -199,7 +200,7 @@ def _row_grad_triton(x3, out3, labels, norm, ent, g_logp, g_ent, opts):
         ent if g_ent is not None else norm,
         g_logp if g_logp is not None else norm,
         g_ent if g_ent is not None else norm,
-        V, opts.temperature, opts.ignore_index,
+        V, col0, opts.temperature, opts.ignore_index,
         HAS_LABELS=labels is not None, WITH_ENTROPY=g_ent is not None, **_launch_config(V),
     )
 
@@ -245,7 +246,7 @@ def _row_stats_torch(x3, labels, opts, with_entropy):
     return logp, norm, ent
 
 
-def _row_grad_torch(x3, out3, labels, norm, ent, g_logp, g_ent, opts):
+def _row_grad_torch(x3, out3, labels, norm, ent, g_logp, g_ent, opts, col0):
     in_place = out3.data_ptr() == x3.data_ptr() and x3.dtype == torch.float32
     inv_temp = 1.0 / opts.temperature
     for b, s, e in _chunks(x3, opts):
@@ -269,7 +270,9 @@ def _row_grad_torch(x3, out3, labels, norm, ent, g_logp, g_ent, opts):
         else:
             buf.exp_().mul_(-g.unsqueeze(-1))
         if labels is not None:
-            buf.scatter_add_(-1, torch.where(valid, labels[b, s:e], 0).unsqueeze(-1), g.unsqueeze(-1))
+            y = labels[b, s:e] - col0
+            here = valid & (y >= 0) & (y < buf.shape[-1])
+            buf.scatter_add_(-1, torch.where(here, y, 0).unsqueeze(-1), torch.where(here, g, 0.0).unsqueeze(-1))
         if not in_place:
             out3[b, s:e] = buf
 
@@ -284,10 +287,14 @@ def row_stats(x3, labels, opts: RowOptions, with_entropy: bool):
     return fn(x3, labels, opts, with_entropy)
 
 
-def row_grad(x3, out3, labels, norm, ent, g_logp, g_ent, opts: RowOptions) -> None:
-    """Write dL/dx for ``x3`` into ``out3`` (which may be ``x3`` itself when it is fp32)."""
+def row_grad(x3, out3, labels, norm, ent, g_logp, g_ent, opts: RowOptions, col0: int = 0) -> None:
+    """Write dL/dx for ``x3`` into ``out3`` (which may be ``x3`` itself when it is fp32).
+
+    ``x3`` may be a tile of the vocabulary: its columns are ids ``col0 .. col0 + x3.shape[-1] - 1``,
+    and ``norm``/``ent`` are those of the whole rows.
+    """
     fn = _row_grad_triton if opts.backend == "triton" else _row_grad_torch
-    fn(x3, out3, labels, norm, ent, g_logp, g_ent, opts)
+    fn(x3, out3, labels, norm, ent, g_logp, g_ent, opts, col0)
 
 
 # ----------------------------------------------------------------------------------------------

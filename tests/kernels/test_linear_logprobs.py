@@ -9,6 +9,8 @@ rounding to the dtype before the gradient matmuls (EPS/2), and those matmuls rou
 rtol = 2 * EPS * (1 + max|z|) against the gradient's scale.
 """
 
+import importlib
+
 import pytest
 import torch
 from helpers import DEVICE, EPS, assert_close
@@ -142,3 +144,15 @@ def test_linear_bad_inputs():
         linear_logprobs(hidden, weight, labels, bias[:49])
     with pytest.raises(ValueError, match="chunk_size"):
         linear_logprobs(hidden, weight, labels, chunk_size=0)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_linear_backward_over_many_vocabulary_tiles(path, monkeypatch):
+    mod = importlib.import_module("fastalign.kernels.linear_logprobs")  # the module, not the op
+    n, v = 10, 1037
+    monkeypatch.setattr(mod, "CHUNK_BYTES", 4 * n * 100)  # backward tiles of 100 columns
+    hidden, weight, bias, labels = _inputs(n, 16, v, torch.float32, _device(path))
+    labels[1:6] = torch.tensor([99, 100, 199, 1000, 1036])  # labels on both sides of tile edges
+    _check(path, hidden, weight, bias, labels, temperature=0.8, entropy=True, chunk_size=3)
+    for dtype in (torch.bfloat16, torch.float16):
+        _check(path, hidden.to(dtype), weight.to(dtype), bias.to(dtype), labels, entropy=True, chunk_size=3)

@@ -230,14 +230,16 @@ def _row_stats_torch(x3, labels, opts, with_entropy):
             z = z / opts.temperature
         m = z.amax(dim=-1, keepdim=True)
         z_m = z - m
-        log_s = z_m.exp().sum(-1, keepdim=True).log()
-        norm[b, s:e, 0], norm[b, s:e, 1] = m[:, 0], log_s[:, 0]
-        valid = None
+        valid = picked = None
         if labels is not None:
             y = labels[b, s:e]
             valid = y != opts.ignore_index
-            picked = z_m.gather(-1, torch.where(valid, y, 0).unsqueeze(-1)) - log_s
-            logp[b, s:e] = torch.where(valid, picked[:, 0], 0.0)
+            picked = z_m.gather(-1, torch.where(valid, y, 0).unsqueeze(-1))[:, 0]
+        e_z = z_m.exp() if with_entropy else z_m.exp_()  # z_m is still needed for the entropy
+        log_s = e_z.sum(-1, keepdim=True).log()
+        norm[b, s:e, 0], norm[b, s:e, 1] = m[:, 0], log_s[:, 0]
+        if labels is not None:
+            logp[b, s:e] = torch.where(valid, picked - log_s[:, 0], 0.0)
         if with_entropy:
             logq = z_m.sub_(log_s)
             p = logq.exp()
@@ -247,13 +249,20 @@ def _row_stats_torch(x3, labels, opts, with_entropy):
 
 
 def _row_grad_torch(x3, out3, labels, norm, ent, g_logp, g_ent, opts, col0):
-    in_place = out3.data_ptr() == x3.data_ptr() and x3.dtype == torch.float32
+    # Work in out3 itself when it is fp32 (in place over x3, or a fresh fp32 gradient), else in a
+    # chunk-sized fp32 buffer copied out at the end.
+    direct = out3.dtype == torch.float32
     inv_temp = 1.0 / opts.temperature
     for b, s, e in _chunks(x3, opts):
-        buf = x3[b, s:e] if in_place else x3[b, s:e].to(torch.float32, copy=True)
-        if opts.temperature != 1.0:
-            buf.div_(opts.temperature)
-        buf.sub_(norm[b, s:e, 0:1]).sub_(norm[b, s:e, 1:2])  # buf = log p
+        x = x3[b, s:e]
+        buf = out3[b, s:e] if direct else torch.empty(x.shape, dtype=torch.float32, device=x.device)
+        if x.dtype == torch.float32 and opts.temperature == 1.0:
+            torch.sub(x, norm[b, s:e, 0:1], out=buf)  # one pass: read x, write buf
+        else:
+            if buf.data_ptr() != x.data_ptr():
+                buf.copy_(x)  # upcast first: z = x / T is computed in fp32, as in the forward
+            buf.div_(opts.temperature).sub_(norm[b, s:e, 0:1])
+        buf.sub_(norm[b, s:e, 1:2])  # buf = log p = (z - m) - log s
         valid = labels[b, s:e] != opts.ignore_index if labels is not None else None
         # 1/T folded into the upstream gradients; ignored rows get none.
         g = torch.zeros_like(norm[b, s:e, 0]) if g_logp is None else g_logp[b, s:e] * inv_temp
@@ -273,7 +282,7 @@ def _row_grad_torch(x3, out3, labels, norm, ent, g_logp, g_ent, opts, col0):
             y = labels[b, s:e] - col0
             here = valid & (y >= 0) & (y < buf.shape[-1])
             buf.scatter_add_(-1, torch.where(here, y, 0).unsqueeze(-1), torch.where(here, g, 0.0).unsqueeze(-1))
-        if not in_place:
+        if not direct:
             out3[b, s:e] = buf
 
 

@@ -1,0 +1,1 @@
+"""fastalign's benchmarks: pytest-benchmark suites, run with `make bench` or `python -m benchmarks`."""

@@ -1,0 +1,120 @@
+"""What the kernel benchmarks run: shapes, and each path's forward+backward as a closure.
+
+Every path computes the same thing, the log-prob of each label with its gradients, so timings and
+peak memory compare like for like:
+
+- ``lm_head matmuls``: only ``logits = hidden @ W.T`` and its two gradient matmuls, the floor.
+- ``naive``: ``hidden @ W.T``, ``log_softmax``, ``gather``, as TRL 0.7.10 computes log-probs.
+- ``liger``: Liger-Kernel's fused linear cross-entropy, ``reduction="none"`` (CUDA only).
+- ``fastalign torch`` / ``fastalign triton``: ``linear_logprobs`` on that path.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Case:
+    op: str  # "linear_logprobs" or "selective_logprobs"
+    n: int  # tokens
+    h: int  # hidden size (linear_logprobs only)
+    v: int  # vocabulary
+    dtype: str
+
+    @property
+    def label(self) -> str:
+        dims = f"N={self.n} H={self.h} V={self.v}" if self.op == "linear_logprobs" else f"N={self.n} V={self.v}"
+        return f"{self.op} {dims} {self.dtype}"
+
+
+# The issue's reference shape (a Llama-3-sized vocabulary), and a selective_logprobs shape.
+CPU_CASES = [
+    Case("linear_logprobs", 4096, 1024, 128256, "fp32"),
+    Case("selective_logprobs", 4096, 0, 128256, "fp32"),
+]
+QUICK_CASES = [
+    Case("linear_logprobs", 1024, 512, 32000, "fp32"),
+    Case("selective_logprobs", 1024, 0, 32000, "fp32"),
+]
+GPU_CASES = [
+    Case("linear_logprobs", n, h, v, dt)
+    for (n, h, v) in [(4096, 1024, 128256), (16384, 4096, 128256), (8192, 4096, 152064)]
+    for dt in ("bf16", "fp32")
+] + [Case("selective_logprobs", n, 0, v, dt) for (n, v) in [(8192, 128256), (16384, 32000)] for dt in ("bf16", "fp32")]
+
+PATHS = {
+    "linear_logprobs": ["lm_head matmuls", "naive", "liger", "fastalign torch", "fastalign triton"],
+    "selective_logprobs": ["naive", "fastalign torch", "fastalign triton"],
+}
+
+
+def cases(device: str) -> list[Case]:
+    if os.environ.get("FASTALIGN_BENCH_QUICK") == "1":
+        return QUICK_CASES
+    return GPU_CASES if device == "cuda" else CPU_CASES
+
+
+def unavailable(path: str, device: str) -> str | None:
+    """Why ``path`` cannot run on ``device``, or None."""
+    if path == "fastalign triton" and device != "cuda":
+        return "the triton path runs natively only on CUDA (interpreted it measures nothing useful)"
+    if path == "liger":
+        try:
+            import liger_kernel  # noqa: F401
+        except ImportError:
+            return "liger-kernel is not installed in this environment"
+        if device != "cuda":
+            return "Liger-Kernel's kernels are Triton-only and need a CUDA device"
+    return None
+
+
+def make_inputs(case: Case, device: str, seed: int = 0) -> dict:
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    dtype = DTYPES[case.dtype]
+    labels = torch.randint(0, case.v, (case.n,), generator=g).to(device)
+    grad_out = torch.randn(case.n, generator=g).to(device)
+    if case.op == "selective_logprobs":
+        logits = (torch.randn(case.n, case.v, generator=g) * 2).to(device, dtype).requires_grad_()
+        return {"logits": logits, "labels": labels, "grad": grad_out}
+    hidden = torch.randn(case.n, case.h, generator=g).to(device, dtype).requires_grad_()
+    weight = (torch.randn(case.v, case.h, generator=g) * case.h**-0.5).to(device, dtype).requires_grad_()
+    return {"hidden": hidden, "weight": weight, "labels": labels, "grad": grad_out}
+
+
+def runner(case: Case, path: str):
+    """A closure running one forward+backward of ``path`` on inputs from ``make_inputs``."""
+    from fastalign.kernels import linear_logprobs, selective_logprobs
+
+    if case.op == "selective_logprobs":
+        def selective(x):
+            if path == "naive":
+                out = torch.log_softmax(x["logits"].float(), -1).gather(-1, x["labels"][:, None])[:, 0]
+            else:
+                out = selective_logprobs(x["logits"], x["labels"], backend=path.split()[-1])
+            out.backward(x["grad"])
+            x["logits"].grad = None
+        return selective
+
+    def linear(x):
+        h, w, y, g = x["hidden"], x["weight"], x["labels"], x["grad"]
+        if path == "lm_head matmuls":
+            logits = h @ w.t()
+            logits.backward(logits.detach())  # any [N, V] upstream gradient: the two matmuls
+        elif path == "naive":
+            logits = h @ w.t()
+            (torch.log_softmax(logits.float(), -1).gather(-1, y[:, None])[:, 0]).backward(g)
+        elif path == "liger":
+            from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+
+            out = LigerFusedLinearCrossEntropyFunction.apply(h, w, y, None, None, -100, 0.0, 0.0, "none")
+            (out[0] if isinstance(out, tuple) else out).backward(g)
+        else:
+            linear_logprobs(h, w, y, backend=path.split()[-1]).backward(g)
+        h.grad = w.grad = None
+    return linear

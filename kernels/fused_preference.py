@@ -1,0 +1,203 @@
+"""The fused preference loss: hidden states of a packed batch straight to the DPO-family loss.
+
+Inputs: one packed row of N tokens holding S sequences (``cu_seqlens`` or ``seq_index``), its
+hidden states ``[N, H]``, the lm_head ``weight [V, H]``, ``labels [N]`` (the next token, or
+``ignore_index`` where no loss is taken), and the pairs: ``chosen [P]`` and ``rejected [P]``, the
+sequence indices of each pair's two halves. Then
+
+    logp_t  = log softmax(h_t W^T / T)[y_t]                     at loss positions only
+    pi_s    = sum_{t in s} logp_t    (or the mean, average_log_prob=True)
+    loss    = mean over pairs of preference_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected)
+
+The lm_head runs only at loss positions, and a ``[tokens, vocab]`` tensor never exists.
+
+Separable loss types (a pair's loss depends on that pair alone) take one pass: the loss positions
+of whole pairs go through in chunks; each chunk's logits give its log-probs, hence its pairs'
+``pi``, losses and ``dloss/dpi`` at once, and those logits are turned in place into the gradient
+of the loss, ``dlogits_t = dloss/dpi_s(t) * (onehot(y_t) - p_t) / T`` (divided by the sequence's
+token count for averages). ``grad_hidden`` and ``grad_weight`` are accumulated in the same pass and
+kept for backward, which only scales them by the loss's upstream gradient: three matmuls over the
+loss positions, no recompute. Peak memory: one chunk of pairs' logits plus the gradients.
+
+Loss types that couple the pairs (``kto_pair``, ``bco_pair``, ``aot``, ``aot_pair``: batch means,
+sorting) need every pair's ``pi`` before any gradient, so they take two passes: ``linear_logprobs``
+(which recomputes the logits in backward) feeding ``segment_sum`` and ``preference_loss``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .linear_logprobs import linear_logprobs
+from .logprobs import CHUNK_BYTES, check_labels, make_options, row_grad, row_stats
+from .preference import COUPLED_LOSS_TYPES, preference_loss
+from .segments import _layout
+
+
+class PreferenceLossOutput(NamedTuple):
+    loss: torch.Tensor  # scalar: the mean of ``losses``
+    losses: torch.Tensor  # [P] ([2P] for kto_pair), detached
+    chosen_rewards: torch.Tensor  # [P], detached
+    rejected_rewards: torch.Tensor  # [P], detached
+    chosen_logps: torch.Tensor  # [P] policy log-probs (sum or mean per sequence), detached
+    rejected_logps: torch.Tensor  # [P], detached
+
+
+def _pair_layout(seq_index, n_seq, chosen, rejected):
+    """Per token: its pair (-1 if none) and role (0 chosen, 1 rejected); checks the pairs."""
+    chosen, rejected = chosen.long().to(seq_index.device), rejected.long().to(seq_index.device)
+    if chosen.dim() != 1 or chosen.shape != rejected.shape or chosen.numel() == 0:
+        raise ValueError(f"chosen {tuple(chosen.shape)} and rejected {tuple(rejected.shape)} must be [P], P >= 1")
+    both = torch.cat((chosen, rejected))
+    if ((both < 0) | (both >= n_seq)).any():
+        i = int(((both < 0) | (both >= n_seq)).nonzero()[0])
+        name, p = ("chosen", i) if i < chosen.numel() else ("rejected", i - chosen.numel())
+        raise ValueError(f"{name}[{p}] = {int(both[i])} is not a sequence index in [0, {n_seq})")
+    if torch.unique(both).numel() != both.numel():
+        raise ValueError("a sequence appears in more than one pair, or as both halves of one")
+    pair_of_seq = torch.full((n_seq,), -1, dtype=torch.long, device=seq_index.device)
+    role_of_seq = torch.zeros(n_seq, dtype=torch.long, device=seq_index.device)
+    p = torch.arange(chosen.numel(), device=seq_index.device)
+    pair_of_seq[chosen], pair_of_seq[rejected] = p, p
+    role_of_seq[rejected] = 1
+    return pair_of_seq[seq_index], role_of_seq[seq_index]
+
+
+def _chunks_of_pairs(pair_t, n_pairs, vocab):
+    """Loss positions grouped by pair, then cut into chunks of whole pairs within CHUNK_BYTES."""
+    order = torch.argsort(pair_t, stable=True)
+    counts = torch.bincount(pair_t, minlength=n_pairs).tolist()
+    budget = max(1, CHUNK_BYTES // (4 * vocab))
+    chunks, start, rows, first = [], 0, 0, 0
+    for p, c in enumerate(counts):
+        if rows and rows + c > budget:
+            chunks.append((order[start:start + rows], first, p))
+            start, rows, first = start + rows, 0, p
+        rows += c
+    chunks.append((order[start:start + rows], first, n_pairs))
+    return chunks
+
+
+class _FusedSeparable(torch.autograd.Function):
+    """One pass: log-probs, loss and all gradients, chunk by chunk of whole pairs."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, pos, y, seq_t, pair_t, role_t, ref, opts, loss_kw):
+        n_pairs = ref.shape[1]
+        ones = torch.ones_like(pair_t, dtype=torch.float32)
+        counts = torch.zeros(2, n_pairs, device=hidden.device).index_put_((role_t, pair_t), ones, accumulate=True)
+        denom = counts.clamp(min=1.0) if loss_kw["average_log_prob"] else torch.ones_like(counts)
+        grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[2] else None
+        pi = torch.zeros(2, n_pairs, device=hidden.device)
+        losses, rewards = [], []
+        for rows, p0, p1 in _chunks_of_pairs(pair_t, n_pairs, weight.shape[0]):
+            h = hidden[pos[rows]]
+            yc, pc, rc = y[rows], pair_t[rows] - p0, role_t[rows]
+            # 1. The chunk's logits, reduced to per-token log-probs, then per-sequence sums.
+            z = (h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())).float().unsqueeze(0)
+            logp, norm, _ = row_stats(z, yc.unsqueeze(0), opts, with_entropy=False)
+            pi_c = torch.zeros(2, p1 - p0, device=z.device).index_put_((rc, pc), logp[0], accumulate=True)
+            pi_c = (pi_c / denom[:, p0:p1]).requires_grad_()
+            # 2. The chunk's pairs' losses (their share of the batch mean) and dloss/dpi.
+            with torch.enable_grad():
+                out = preference_loss(pi_c[0], pi_c[1], ref[0, p0:p1], ref[1, p0:p1], **loss_kw["loss"])
+                (g_pi,) = torch.autograd.grad(out[0].sum() / n_pairs, pi_c)
+            pi[:, p0:p1] = pi_c.detach()
+            losses.append(out[0].detach())
+            rewards.append(torch.stack(out[1:]))
+            # 3. Logits -> dloss/dlogits in place, then the two gradient matmuls.
+            g_t = (g_pi / denom[:, p0:p1])[rc, pc].unsqueeze(0)
+            row_grad(z, z, yc.unsqueeze(0), norm, None, g_t, None, opts)
+            d = z[0].to(weight.dtype) if weight.dtype != torch.float32 else z[0]
+            if grad_h is not None:
+                grad_h.index_add_(0, pos[rows], (d @ weight).float())
+            if grad_w is not None:
+                grad_w.addmm_(z[0].t(), h.float())
+            if grad_b is not None:
+                grad_b += z[0].sum(0)
+        ctx.grads = (grad_h, grad_w, grad_b)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        loss = torch.cat(losses).sum() / n_pairs
+        losses, rewards = torch.cat(losses), torch.cat(rewards, dim=1)
+        ctx.mark_non_differentiable(losses, rewards, pi)
+        return loss, losses, rewards, pi
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused):
+        grads = [None if g is None else (g * grad_loss).to(dt) for g, dt in zip(ctx.grads, ctx.dtypes)]
+        ctx.grads = None
+        return (*grads, None, None, None, None, None, None, None, None)
+
+
+def fused_preference_loss(
+    hidden,
+    weight,
+    labels,
+    chosen,
+    rejected,
+    reference_chosen_logps=None,
+    reference_rejected_logps=None,
+    *,
+    seq_index=None,
+    cu_seqlens=None,
+    bias=None,
+    beta=0.1,
+    loss_type="sigmoid",
+    label_smoothing=0.0,
+    reference_free=False,
+    average_log_prob=False,
+    temperature=1.0,
+    ignore_index=-100,
+    backend=None,
+    **loss_options,
+):
+    """From hidden states of a packed batch to the preference loss; see the module docstring.
+
+    ``hidden [N, H]``, ``weight [V, H]``, ``labels [N]``, the layout (``seq_index [N]`` or
+    ``cu_seqlens [S+1]``), ``chosen``/``rejected [P]`` sequence indices, reference log-probs
+    ``[P]`` (computed the same way: sums, or means with ``average_log_prob``). Extra keyword
+    options (``discopop_tau``, ``bco_delta``) go to ``preference_loss``. Returns a
+    ``PreferenceLossOutput``; only ``loss`` carries gradients.
+    """
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} must be [N, H] and [V, H]")
+    if labels.shape != hidden.shape[:1]:
+        raise ValueError(f"labels {tuple(labels.shape)} must be [N] = [{hidden.shape[0]}]")
+    seq_t, cu = _layout(labels, seq_index, cu_seqlens)
+    opts = make_options(hidden.device, ignore_index, temperature, None, backend)
+    check_labels(labels, weight.shape[0], opts.ignore_index)
+    pair_t, role_t = _pair_layout(seq_t, cu.numel() - 1, chosen, rejected)
+    loss_kw = dict(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, reference_free=reference_free, **loss_options)
+
+    n_seq, n_pairs = cu.numel() - 1, chosen.numel()
+    if not reference_free:
+        for name, r in (("reference_chosen_logps", reference_chosen_logps), ("reference_rejected_logps", reference_rejected_logps)):
+            if r is None or r.shape != (n_pairs,):
+                raise ValueError(f"{name} must be [P] = [{n_pairs}] unless reference_free=True, got {None if r is None else tuple(r.shape)}")
+    # Only the loss positions of paired sequences go through the lm_head.
+    pos = ((labels != opts.ignore_index) & (pair_t >= 0)).nonzero()[:, 0]
+
+    if loss_type in COUPLED_LOSS_TYPES or opts.backend == "reference":
+        # Two passes: every pair's log-probs first, then the coupled loss through autograd.
+        logp = linear_logprobs(hidden[pos], weight, labels[pos], bias, ignore_index, temperature, backend=opts.backend)
+        pi = torch.zeros(n_seq, device=hidden.device).index_add(0, seq_t[pos], logp)
+        if average_log_prob:
+            pi = pi / torch.bincount(seq_t[pos], minlength=n_seq).clamp(min=1)
+        pi_c, pi_r = pi[chosen.long()], pi[rejected.long()]
+        losses, r_c, r_r = preference_loss(pi_c, pi_r, reference_chosen_logps, reference_rejected_logps, **loss_kw)
+        return PreferenceLossOutput(losses.mean(), losses.detach(), r_c, r_r, pi_c.detach(), pi_r.detach())
+
+    # One pass: log-probs, loss and gradients together.
+    if reference_free:
+        ref = torch.zeros(2, n_pairs, device=hidden.device)
+    else:
+        ref = torch.stack((reference_chosen_logps, reference_rejected_logps)).float().to(hidden.device)
+    loss_kw = {"average_log_prob": average_log_prob, "loss": loss_kw}
+    loss, losses, rewards, pi = _FusedSeparable.apply(
+        hidden, weight, bias, pos, labels[pos], seq_t[pos], pair_t[pos], role_t[pos], ref, opts, loss_kw
+    )
+    return PreferenceLossOutput(loss, losses, rewards[0], rewards[1], pi[0], pi[1])

@@ -7,6 +7,14 @@ peak memory compare like for like:
 - ``naive``: ``hidden @ W.T``, ``log_softmax``, ``gather``, as TRL 0.7.10 computes log-probs.
 - ``liger``: Liger-Kernel's fused linear cross-entropy, ``reduction="none"`` (CUDA only).
 - ``fastalign torch`` / ``fastalign triton``: ``linear_logprobs`` on that path.
+
+``fused_preference_loss`` (DPO sigmoid loss from hidden states, forward+backward) runs 16
+sequences (8 pairs) of ``n / 16`` tokens each, the first quarter of each being prompt:
+
+- ``naive``: full logits for every token, log_softmax, gather, per-sequence sums, the loss.
+- ``liger``: Liger-Kernel's ``LigerFusedLinearDPOLoss`` (pure torch, runs on CPU), given the
+  reference log-probs' work for free as fastalign is (``use_ref_model=False``), not compiled.
+- ``fastalign torch`` / ``fastalign triton``: ``fused_preference_loss`` on that path.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ class Case:
 
     @property
     def label(self) -> str:
-        dims = f"N={self.n} H={self.h} V={self.v}" if self.op == "linear_logprobs" else f"N={self.n} V={self.v}"
+        dims = f"N={self.n} H={self.h} V={self.v}" if self.h else f"N={self.n} V={self.v}"
         return f"{self.op} {dims} {self.dtype}"
 
 
@@ -37,20 +45,25 @@ class Case:
 CPU_CASES = [
     Case("linear_logprobs", 4096, 1024, 128256, "fp32"),
     Case("selective_logprobs", 4096, 0, 128256, "fp32"),
+    Case("fused_preference_loss", 16 * 512, 1024, 128256, "fp32"),
 ]
 QUICK_CASES = [
     Case("linear_logprobs", 1024, 512, 32000, "fp32"),
     Case("selective_logprobs", 1024, 0, 32000, "fp32"),
+    Case("fused_preference_loss", 16 * 64, 512, 32000, "fp32"),
 ]
 GPU_CASES = [
     Case("linear_logprobs", n, h, v, dt)
     for (n, h, v) in [(4096, 1024, 128256), (16384, 4096, 128256), (8192, 4096, 152064)]
     for dt in ("bf16", "fp32")
-] + [Case("selective_logprobs", n, 0, v, dt) for (n, v) in [(8192, 128256), (16384, 32000)] for dt in ("bf16", "fp32")]
+] + [Case("selective_logprobs", n, 0, v, dt) for (n, v) in [(8192, 128256), (16384, 32000)] for dt in ("bf16", "fp32")] + [
+    Case("fused_preference_loss", 16 * 1024, 4096, 128256, dt) for dt in ("bf16", "fp32")
+]
 
 PATHS = {
     "linear_logprobs": ["lm_head matmuls", "naive", "liger", "fastalign torch", "fastalign triton"],
     "selective_logprobs": ["naive", "fastalign torch", "fastalign triton"],
+    "fused_preference_loss": ["naive", "liger", "fastalign torch", "fastalign triton"],
 }
 
 
@@ -60,7 +73,7 @@ def cases(device: str) -> list[Case]:
     return GPU_CASES if device == "cuda" else CPU_CASES
 
 
-def unavailable(path: str, device: str) -> str | None:
+def unavailable(path: str, device: str, op: str = "") -> str | None:
     """Why ``path`` cannot run on ``device``, or None."""
     if path == "fastalign triton" and device != "cuda":
         return "the triton path runs natively only on CUDA (interpreted it measures nothing useful)"
@@ -69,7 +82,7 @@ def unavailable(path: str, device: str) -> str | None:
             import liger_kernel  # noqa: F401
         except ImportError:
             return "liger-kernel is not installed in this environment"
-        if device != "cuda":
+        if device != "cuda" and op != "fused_preference_loss":
             return "Liger-Kernel's kernels are Triton-only and need a CUDA device"
     return None
 
@@ -82,14 +95,70 @@ def make_inputs(case: Case, device: str, seed: int = 0) -> dict:
     if case.op == "selective_logprobs":
         logits = (torch.randn(case.n, case.v, generator=g) * 2).to(device, dtype).requires_grad_()
         return {"logits": logits, "labels": labels, "grad": grad_out}
+    if case.op == "fused_preference_loss":
+        return _preference_inputs(case, device, g)
     hidden = torch.randn(case.n, case.h, generator=g).to(device, dtype).requires_grad_()
     weight = (torch.randn(case.v, case.h, generator=g) * case.h**-0.5).to(device, dtype).requires_grad_()
     return {"hidden": hidden, "weight": weight, "labels": labels, "grad": grad_out}
 
 
+def _preference_inputs(case: Case, device: str, g: torch.Generator) -> dict:
+    """8 pairs as 16 sequences of equal length; labels on the last three quarters of each."""
+    seqs, length = 16, case.n // 16
+    prompt = length // 4
+    tokens = torch.randint(0, case.v, (seqs, length), generator=g)
+    labels = torch.full((seqs, length), -100)
+    labels[:, prompt - 1:-1] = tokens[:, prompt:]
+    dtype = DTYPES[case.dtype]
+    hidden = torch.randn(case.n, case.h, generator=g).to(device, dtype).requires_grad_()
+    weight = (torch.randn(case.v, case.h, generator=g) * case.h**-0.5).to(device, dtype).requires_grad_()
+    return {
+        "hidden": hidden, "weight": weight, "labels": labels.reshape(-1).to(device), "labels_2d": labels.to(device),
+        "cu_seqlens": torch.arange(0, case.n + 1, length, dtype=torch.int32, device=device),
+        "chosen": torch.arange(0, seqs, 2, device=device), "rejected": torch.arange(1, seqs, 2, device=device),
+        "ref_chosen": (torch.randn(seqs // 2, generator=g) - 3 * length).to(device),
+        "ref_rejected": (torch.randn(seqs // 2, generator=g) - 3 * length).to(device),
+    }
+
+
+def _preference_runner(path: str):
+    import torch.nn.functional as F
+
+    from fastalign.kernels import fused_preference_loss
+
+    def run(x):
+        h, w, y = x["hidden"], x["weight"], x["labels"]
+        if path == "naive":
+            logp = torch.log_softmax((h @ w.t()).float(), -1)
+            valid = y != -100
+            tok = torch.where(valid, logp.gather(-1, torch.where(valid, y, 0)[:, None])[:, 0], 0.0)
+            pi = tok.view(len(x["cu_seqlens"]) - 1, -1).sum(-1)
+            logits = (pi[x["chosen"]] - pi[x["rejected"]]) - (x["ref_chosen"] - x["ref_rejected"])
+            loss = -F.logsigmoid(0.1 * logits).mean()
+        elif path == "liger":
+            from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+
+            seqs = x["labels_2d"]
+            order = torch.cat((x["chosen"], x["rejected"]))  # chosen first, then rejected
+            loss_fn = LigerFusedLinearDPOLoss(beta=0.1, compiled=False, use_ref_model=False)
+            out = loss_fn(w, h.view(seqs.shape[0], seqs.shape[1], -1)[order], seqs[order])
+            loss = out[0] if isinstance(out, tuple) else out
+        else:
+            loss = fused_preference_loss(
+                h, w, y, x["chosen"], x["rejected"], x["ref_chosen"], x["ref_rejected"],
+                cu_seqlens=x["cu_seqlens"], beta=0.1, backend=path.split()[-1],
+            ).loss
+        loss.backward()
+        h.grad = w.grad = None
+    return run
+
+
 def runner(case: Case, path: str):
     """A closure running one forward+backward of ``path`` on inputs from ``make_inputs``."""
     from fastalign.kernels import linear_logprobs, selective_logprobs
+
+    if case.op == "fused_preference_loss":
+        return _preference_runner(path)
 
     if case.op == "selective_logprobs":
         def selective(x):

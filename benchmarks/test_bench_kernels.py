@@ -1,4 +1,4 @@
-"""Forward+backward of the log-prob ops, every path side by side on the same inputs.
+"""Forward+backward of the log-prob ops and the fused preference loss, every path side by side.
 
 Time: pytest-benchmark, in this process. Peak extra memory: a fresh process per path
 (benchmarks/memprobe.py), recorded in each result's extra_info.
@@ -21,7 +21,7 @@ def _sync():
 
 @pytest.mark.parametrize("case,path", PARAMS, ids=[f"{c.label}-{p}" for c, p in PARAMS])
 def test_logprobs(benchmark, case, path):
-    reason = unavailable(path, DEVICE)
+    reason = unavailable(path, DEVICE, case.op)
     if reason:
         pytest.skip(reason)
     benchmark.group = case.label

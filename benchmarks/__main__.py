@@ -43,8 +43,10 @@ def physical_fraction(info: dict, seconds: float) -> str:
     if info["op"] == "selective_logprobs":
         moved = 3 * info["n"] * info["v"] * BYTES[info["dtype"]]
         return f"{moved / seconds / peak[0]:.0%} of HBM"
-    flops = 6 * info["n"] * info["h"] * info["v"]
-    return f"{flops / seconds / peak[1][info['dtype']]:.0%} of matmul peak"
+    if info["op"] == "linear_logprobs":
+        flops = 6 * info["n"] * info["h"] * info["v"]
+        return f"{flops / seconds / peak[1][info['dtype']]:.0%} of matmul peak"
+    return ""  # no single physical limit stated for the other ops
 
 
 def table(results: dict) -> str:

@@ -1,0 +1,259 @@
+"""Generalized advantage estimation: the discounted reverse scan of PPO, and TRL's advantages.
+
+GAE (Schulman et al. 2016, "High-Dimensional Continuous Control Using Generalized Advantage
+Estimation"), per row of a padded ``[B, T]`` batch with mask ``m``, as TRL 0.7.10 computes it:
+
+    v_t     = values_t * m_t,   r_t = rewards_t * m_t
+    delta_t = r_t + gamma * v_{t+1} - v_t                  (v_T = 0)
+    A_t     = delta_t + c * A_{t+1},   c = gamma * lam     (A_T = 0)
+            = sum_{k >= t} c^{k - t} delta_k
+
+The mask zeroes values and rewards but does not cut the recursion: a hole passes the advantage of
+later steps through (its delta is ``gamma * v_{t+1}``), and left-padding positions get advantages
+too; whitening takes its statistics over the mask only, so they count for nothing. Every path
+reproduces that exactly. ``compute_advantages`` adds TRL's bookkeeping: optional reward whitening
+(scale only), ``returns = A + v``, then ``A`` whitened over the mask.
+
+Three paths for the scan:
+
+- Triton: each program owns a block of rows and walks time backwards in tiles of ``BLOCK_T``
+  steps. A tile is loaded latest step first, so the recurrence runs forwards in load order:
+  ``A_k = delta_k + c A_{k-1}``, one affine step ``A <- b + a A`` per element with ``(a, b) =
+  (c, delta)``. Affine steps compose associatively,
+
+      (a_1, b_1) then (a_2, b_2) = (a_1 a_2, b_2 + a_2 b_1),
+
+  so ``tl.associative_scan`` solves the tile at once; the advantage carried in from the later tile
+  is folded into the first element (``b_0 = delta_0 + c A_carry``), and the tile's last element
+  (its earliest step) is the carry for the tile before it.
+- torch: time in blocks of ``L`` steps. Within a block, ``A_i = sum_{j >= i} c^{j-i} delta_j`` is
+  one matmul with the ``[L, L]`` upper-triangular matrix ``M_ij = c^{j-i}``. The advantage at each
+  block's first step obeys the same recurrence across blocks with ``c^L`` (solved by the same
+  function, recursively), and adds ``c^{L-i} A_next`` to step ``i`` of the block before it. Every
+  factor is a power ``c^k`` with ``k >= 0``: nothing grows, so it is stable at any ``T`` (unlike
+  rescaling a cumulative sum by ``c^{-t}``, which overflows fp32 past ``t = 840`` for ``c = 0.9``).
+  (On CUDA that matmul follows torch's TF32 setting; the default there is the Triton path.)
+- reference: the per-step Python loop, in fp32.
+
+Everything is fp32 whatever the input dtype. No gradients: TRL detaches advantages and computes
+them from detached rollout values, so these ops run under ``torch.no_grad``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._dispatch import resolve_backend
+from .rl import masked_whiten
+
+# Torch path: time steps per block (one [L, L] discount matrix).
+TORCH_BLOCK = 32
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton path: a block of rows per program, time tiles walked backwards, a scan per tile.
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _affine_then(a_1, b_1, a_2, b_2):
+    # The step A <- b_1 + a_1 A followed by A <- b_2 + a_2 A, as one affine step.
+    return a_1 * a_2, b_2 + a_2 * b_1
+
+
+@triton.jit
+def _gae_kernel(
+    VALUES, REWARDS, MASK, ADV,
+    stride_v, stride_r, stride_m, stride_a,
+    B, T, gamma, lam,
+    HAS_MASK: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    rows = rows.to(tl.int64)
+    k = tl.arange(0, BLOCK_T)
+    c = gamma * lam
+    carry = tl.zeros((BLOCK_B,), tl.float32)  # A at the step after the current tile
+    for start in range(0, T, BLOCK_T):
+        # 1. This tile's steps, latest first: t = T - 1 - start - k (negative past the row's start).
+        t = T - 1 - start - k
+        ok = row_ok[:, None] & (t >= 0)[None, :]
+        has_next = ok & (t + 1 < T)[None, :]
+        v_off = rows[:, None] * stride_v + t[None, :]
+        v = tl.load(VALUES + v_off, mask=ok, other=0.0).to(tl.float32)
+        v_next = tl.load(VALUES + v_off + 1, mask=has_next, other=0.0).to(tl.float32)
+        r = tl.load(REWARDS + rows[:, None] * stride_r + t[None, :], mask=ok, other=0.0).to(tl.float32)
+        if HAS_MASK:
+            m_off = rows[:, None] * stride_m + t[None, :]
+            v = v * tl.load(MASK + m_off, mask=ok, other=0.0).to(tl.float32)
+            v_next = v_next * tl.load(MASK + m_off + 1, mask=has_next, other=0.0).to(tl.float32)
+            r = r * tl.load(MASK + m_off, mask=ok, other=0.0).to(tl.float32)
+
+        # 2. TD residuals, in the reference's order of operations.
+        delta = r + gamma * v_next - v
+
+        # 3. Fold the carry into the first step, then scan the affine steps (c, delta) in load order.
+        b = tl.where(k[None, :] == 0, delta + c * carry[:, None], delta)
+        a = tl.zeros((BLOCK_B, BLOCK_T), tl.float32) + c
+        _, adv = tl.associative_scan((a, b), 1, _affine_then)
+        tl.store(ADV + rows[:, None] * stride_a + t[None, :], adv, mask=ok)
+
+        # 4. The tile's earliest step is the carry for the tile before it.
+        carry = tl.sum(tl.where(k[None, :] == BLOCK_T - 1, adv, 0.0), 1)
+
+
+def _launch_config(rows: int, steps: int) -> dict:
+    block_t = min(triton.next_power_of_2(steps), 256)
+    # Several short rows per program (tiles of up to 1024 elements), but keep ~128+ programs.
+    block_b = min(max(1, 1024 // block_t), max(1, triton.next_power_of_2(rows) // 128))
+    return {"BLOCK_B": block_b, "BLOCK_T": block_t, "num_warps": 4}
+
+
+def _unit_stride(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _gae_triton(values, rewards, mask, gamma, lam):
+    B, T = values.shape
+    adv = torch.empty(B, T, dtype=torch.float32, device=values.device)
+    if adv.numel() == 0:
+        return adv
+    v, r = _unit_stride(values), _unit_stride(rewards)
+    m = None if mask is None else _unit_stride(mask if mask.dtype.is_floating_point else mask.to(torch.float32))
+    cfg = _launch_config(B, T)
+    _gae_kernel[(triton.cdiv(B, cfg["BLOCK_B"]),)](
+        v, r, m if m is not None else v, adv,
+        v.stride(0), r.stride(0), m.stride(0) if m is not None else 0, adv.stride(0),
+        B, T, float(gamma), float(lam),
+        HAS_MASK=m is not None, **cfg,
+    )
+    return adv
+
+
+# ----------------------------------------------------------------------------------------------
+# Torch path: blocks of TORCH_BLOCK steps, one discount-matrix matmul per level.
+# ----------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=32)
+def _discounts(c: float, L: int, device: torch.device):
+    """fp32 ``M [L, L]`` with ``M_ij = c^{j-i}`` for ``j >= i`` (else 0), and ``tail_i = c^{L-i}``."""
+    k = torch.arange(L, dtype=torch.float64)
+    power = k[None, :] - k[:, None]  # j - i
+    matrix = torch.where(power >= 0, c ** power.clamp(min=0), 0.0)  # c^0 = 1, also for c = 0
+    return matrix.to(device, torch.float32), (c ** (L - k)).to(device, torch.float32)
+
+
+def _discounted_suffix_sums(delta: torch.Tensor, c: float) -> torch.Tensor:
+    """``A_t = delta_t + c A_{t+1}`` (``A_T = 0``) along the last dim of fp32 ``delta [R, T]``."""
+    R, T = delta.shape
+    L = min(T, TORCH_BLOCK)
+    n = -(-T // L)
+    matrix, tail = _discounts(c, L, delta.device)
+    # 1. Within each block: local_i = sum_{j >= i} c^{j-i} delta_j, one [L, L] matmul.
+    blocks = (delta if n * L == T else F.pad(delta, (0, n * L - T))).view(R, n, L)
+    local = blocks @ matrix.t()
+    if n == 1:
+        return local.view(R, L)
+    # 2. A at each block's first step: the same recurrence across blocks, with c^L.
+    heads = _discounted_suffix_sums(local[:, :, 0].contiguous(), c**L)
+    # 3. Each block continues from the next block's first step: + c^{L-i} A_next.
+    after = F.pad(heads[:, 1:], (0, 1))
+    return local.addcmul_(after[:, :, None], tail).view(R, n * L)[:, :T]
+
+
+def _gae_torch(values, rewards, mask, gamma, lam):
+    v, r = values.float(), rewards.float()
+    if mask is None:
+        delta = r.clone()  # delta is built in place: never over the caller's rewards
+    else:
+        m = mask.float()
+        v, delta = v * m, r * m
+    # delta_t = (r_t + gamma v_{t+1}) - v_t, in the reference's order of operations.
+    delta[:, :-1].add_(v[:, 1:], alpha=gamma)
+    delta.sub_(v)
+    if delta.numel() == 0:
+        return delta
+    return _discounted_suffix_sums(delta, gamma * lam)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference: the per-step loop, fp32.
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def gae_reference(values, rewards, mask, gamma, lam):
+    """The loop over time steps, latest first; unwhitened fp32 advantages ``[B, T]``."""
+    values, rewards = values.float(), rewards.float()
+    if mask is not None:
+        values, rewards = values * mask, rewards * mask
+    T = rewards.shape[-1]
+    lastgaelam = 0.0
+    reversed_advantages = []
+    for t in reversed(range(T)):
+        nextvalues = values[:, t + 1] if t < T - 1 else 0.0
+        delta = rewards[:, t] + gamma * nextvalues - values[:, t]
+        lastgaelam = delta + gamma * lam * lastgaelam
+        reversed_advantages.append(lastgaelam)
+    if not reversed_advantages:
+        return torch.zeros_like(rewards)
+    return torch.stack(reversed_advantages[::-1], dim=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public ops.
+# ----------------------------------------------------------------------------------------------
+
+
+def _check(values, rewards, mask):
+    if values.dim() != 2:
+        raise ValueError(f"values must be [B, T], got shape {tuple(values.shape)}")
+    if rewards.shape != values.shape:
+        raise ValueError(f"rewards {tuple(rewards.shape)} must match values {tuple(values.shape)}")
+    if mask is not None and mask.shape != values.shape:
+        raise ValueError(f"mask {tuple(mask.shape)} must match values {tuple(values.shape)}")
+
+
+def _scan(values, rewards, mask, gamma, lam, path):
+    fn = {"triton": _gae_triton, "torch": _gae_torch, "reference": gae_reference}[path]
+    return fn(values, rewards, mask, float(gamma), float(lam))
+
+
+@torch.no_grad()
+def gae(values, rewards, mask, gamma, lam, *, backend=None):
+    """Unwhitened GAE advantages, fp32 ``[B, T]`` (see the module docstring); no gradients.
+
+    ``values``/``rewards [B, T]`` in any float dtype, ``mask [B, T]`` 0/1 (bool or numeric; None
+    for no masking), ``gamma``/``lam`` Python scalars.
+    """
+    _check(values, rewards, mask)
+    return _scan(values, rewards, mask, gamma, lam, resolve_backend(values.device, backend))
+
+
+@torch.no_grad()
+def compute_advantages(values, rewards, mask, gamma, lam, whiten_rewards=False, *, backend=None):
+    """TRL 0.7.10's ``(values, advantages, returns)``, each fp32 ``[B, T]``; no gradients.
+
+    ``values`` and ``rewards`` are masked; with ``whiten_rewards`` the rewards are rescaled to unit
+    masked variance (mean kept); ``returns = A + values``; the advantages come back whitened over
+    the mask. Raises ValueError if the mask holds fewer than two positions (whitening needs an
+    unbiased variance).
+    """
+    _check(values, rewards, mask)
+    path = resolve_backend(values.device, backend)
+    mask = mask.float()
+    values = values.float() * mask
+    rewards = rewards.float() * mask
+    if whiten_rewards:
+        # Whitened rewards are no longer 0 where the mask is: the scan must not mask them again.
+        rewards = masked_whiten(rewards, mask, shift_mean=False)
+    advantages = _scan(values, rewards, None, gamma, lam, path)
+    returns = advantages + values
+    advantages = masked_whiten(advantages, mask)
+    return values, advantages, returns

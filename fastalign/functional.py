@@ -10,7 +10,7 @@ Preference:     dpo_loss, preference_loss, fused_preference_loss, reward_loss, L
 RL (PPO):       kl_penalty, full_kl, compute_rewards, compute_rewards_packed, compute_advantages,
                 gae, ppo_loss, masked_mean, masked_var, masked_whiten, AdaptiveKLController,
                 FixedKLController, RunningMoments
-DDPO:           PerPromptStatTracker
+DDPO:           ddim_step_with_logprob, ddpo_loss, PerPromptStatTracker
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from fastalign.kernels import (
     segment_sum,
     selective_logprobs,
 )
+from fastalign.kernels.ddpo import ddim_step_with_logprob, ddpo_loss
 from fastalign.kernels.gae import compute_advantages, gae
 from fastalign.kernels.kl import compute_rewards, compute_rewards_packed, full_kl, kl_penalty
 from fastalign.kernels.ppo import ppo_loss
@@ -89,6 +90,7 @@ __all__ = [
     "LOSS_TYPES", "COUPLED_LOSS_TYPES",
     "kl_penalty", "full_kl", "compute_rewards", "compute_rewards_packed", "compute_advantages", "gae", "ppo_loss",
     "masked_mean", "masked_var", "masked_whiten",
-    "AdaptiveKLController", "FixedKLController", "RunningMoments", "PerPromptStatTracker",
+    "AdaptiveKLController", "FixedKLController", "RunningMoments",
+    "ddim_step_with_logprob", "ddpo_loss", "PerPromptStatTracker",
 ]
 

@@ -30,8 +30,8 @@ from typing import NamedTuple
 
 import torch
 
-from .linear_logprobs import linear_logprobs
-from .logprobs import CHUNK_BYTES, check_labels, make_options, row_grad, row_stats
+from .linear_logprobs import CHUNK_BYTES, linear_logprobs
+from .logprobs import check_labels, make_options, row_grad, row_stats
 from .preference import COUPLED_LOSS_TYPES, preference_loss
 from .segments import _layout
 
@@ -119,6 +119,7 @@ class _FusedSeparable(torch.autograd.Function):
                 grad_w.addmm_(z[0].t(), h.float())
             if grad_b is not None:
                 grad_b += z[0].sum(0)
+            del z, d  # free this chunk's logits before the next chunk's exist
         ctx.grads = (grad_h, grad_w, grad_b)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         loss = torch.cat(losses).sum() / n_pairs
@@ -128,7 +129,12 @@ class _FusedSeparable(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
-        grads = [None if g is None else (g * grad_loss).to(dt) for g, dt in zip(ctx.grads, ctx.dtypes)]
+        # Scale in place: a second [V, H] weight gradient would double the peak memory.
+        grads = []
+        for g, dtype in zip(ctx.grads, ctx.dtypes):
+            if g is not None and grad_loss.item() != 1.0:
+                g.mul_(grad_loss)
+            grads.append(None if g is None else g.to(dtype))
         ctx.grads = None
         return (*grads, None, None, None, None, None, None, None, None)
 

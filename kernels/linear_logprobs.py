@@ -27,11 +27,13 @@ chunk of logits, plus the gradients themselves.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
-from .logprobs import CHUNK_BYTES, RowOptions, check_labels, make_options, row_grad, row_stats
+from .logprobs import RowOptions, check_labels, make_options, row_grad, row_stats
+
+# Logits per forward chunk of tokens and per backward tile of the vocabulary (fp32 bytes): large
+# enough for efficient matmuls; the row ops then work through each in smaller pieces.
+CHUNK_BYTES = 64 * 2**20
 
 
 def _chunk_logits(hidden, weight, bias):
@@ -47,17 +49,17 @@ class _LinearLogprobs(torch.autograd.Function):
         logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
         norm = torch.empty(n, 2, dtype=torch.float32, device=hidden.device)
         ent = torch.empty_like(logp) if with_entropy else None
-        step = opts.rows_per_chunk(weight.shape[0])
-        row_opts = dataclasses.replace(opts, chunk_size=step)  # a chunk is one pass of the row ops
+        step = opts.chunk_size or max(1, CHUNK_BYTES // (4 * weight.shape[0]))
         for s in range(0, n, step):
             e = min(s + step, n)
             logits = _chunk_logits(hidden[s:e], weight, bias).unsqueeze(0)
-            lp, nm, h = row_stats(logits, labels[s:e].unsqueeze(0), row_opts, with_entropy)
+            lp, nm, h = row_stats(logits, labels[s:e].unsqueeze(0), opts, with_entropy)
             logp[s:e], norm[s:e] = lp[0], nm[0]
             if with_entropy:
                 ent[s:e] = h[0]
+            del logits
         ctx.save_for_backward(hidden, weight, bias, labels, norm, ent)
-        ctx.opts, ctx.step = row_opts, step
+        ctx.opts, ctx.step = opts, step
         if not with_entropy:
             return logp
         return logp, ent
@@ -97,6 +99,7 @@ class _LinearLogprobs(torch.autograd.Function):
                 torch.mm(d.t(), hidden, out=grad_w[v0:v1])
             if need_b:
                 grad_b[v0:v1] = dlogits.sum(0)
+            del dlogits, d  # free this tile before the next one exists
         return (None if grad_h is None else grad_h.to(hidden.dtype)), grad_w, grad_b, None, None, None
 
 

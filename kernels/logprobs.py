@@ -31,8 +31,8 @@ import triton.language as tl
 
 from ._dispatch import resolve_backend
 
-# Torch path: rows per chunk so that one chunk of fp32 logits stays within this many bytes.
-CHUNK_BYTES = 64 * 2**20
+# Torch path: rows per chunk so that one chunk's fp32 temporaries stay within this many bytes.
+CHUNK_BYTES = 16 * 2**20
 
 
 @dataclass(frozen=True)

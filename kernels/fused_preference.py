@@ -80,6 +80,24 @@ def _chunks_of_pairs(pair_t, n_pairs, vocab):
     return chunks
 
 
+def _logp_in_place(z, y, temperature):
+    """Torch path: log-probs of labels ``y`` from logits ``z [m, V]``, leaving ``exp(z/T - max)``
+    in ``z`` (the fused loss owns the buffer, so no temporaries and one exp pass).
+    Returns ``(logp [m], s [m, 1])`` with ``s`` the row sums of what ``z`` now holds."""
+    if temperature != 1.0:
+        z.div_(temperature)
+    m = z.amax(-1, keepdim=True)
+    picked = z.gather(-1, y[:, None])
+    s = z.sub_(m).exp_().sum(-1, keepdim=True)
+    return (picked - m - s.log())[:, 0], s
+
+
+def _grad_in_place(z, y, s, g, temperature):
+    """Torch path: ``z`` holds ``exp(z/T - max)``; make it ``g (onehot(y) - p) / T`` in place."""
+    scale = g[:, None] / temperature
+    z.mul_(-scale / s).scatter_add_(-1, y[:, None], scale)
+
+
 class _FusedSeparable(torch.autograd.Function):
     """One pass: log-probs, loss and all gradients, chunk by chunk of whole pairs."""
 
@@ -99,8 +117,12 @@ class _FusedSeparable(torch.autograd.Function):
             yc, pc, rc = y[rows], pair_t[rows] - p0, role_t[rows]
             # 1. The chunk's logits, reduced to per-token log-probs, then per-sequence sums.
             z = (h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())).float().unsqueeze(0)
-            logp, norm, _ = row_stats(z, yc.unsqueeze(0), opts, with_entropy=False)
-            pi_c = torch.zeros(2, p1 - p0, device=z.device).index_put_((rc, pc), logp[0], accumulate=True)
+            if opts.backend == "torch":
+                logp, row_sums = _logp_in_place(z[0], yc, opts.temperature)
+            else:
+                logp, norm, _ = row_stats(z, yc.unsqueeze(0), opts, with_entropy=False)
+                logp = logp[0]
+            pi_c = torch.zeros(2, p1 - p0, device=z.device).index_put_((rc, pc), logp, accumulate=True)
             pi_c = (pi_c / denom[:, p0:p1]).requires_grad_()
             # 2. The chunk's pairs' losses (their share of the batch mean) and dloss/dpi.
             with torch.enable_grad():
@@ -110,8 +132,11 @@ class _FusedSeparable(torch.autograd.Function):
             losses.append(out[0].detach())
             rewards.append(torch.stack(out[1:]))
             # 3. Logits -> dloss/dlogits in place, then the two gradient matmuls.
-            g_t = (g_pi / denom[:, p0:p1])[rc, pc].unsqueeze(0)
-            row_grad(z, z, yc.unsqueeze(0), norm, None, g_t, None, opts)
+            g_t = (g_pi / denom[:, p0:p1])[rc, pc]
+            if opts.backend == "torch":
+                _grad_in_place(z[0], yc, row_sums, g_t, opts.temperature)
+            else:
+                row_grad(z, z, yc.unsqueeze(0), norm, None, g_t.unsqueeze(0), None, opts)
             d = z[0].to(weight.dtype) if weight.dtype != torch.float32 else z[0]
             if grad_h is not None:
                 grad_h.index_add_(0, pos[rows], (d @ weight).float())

@@ -17,11 +17,13 @@ of whole pairs go through in chunks; each chunk's logits give its log-probs, hen
 of the loss, ``dlogits_t = dloss/dpi_s(t) * (onehot(y_t) - p_t) / T`` (divided by the sequence's
 token count for averages). ``grad_hidden`` and ``grad_weight`` are accumulated in the same pass and
 kept for backward, which only scales them by the loss's upstream gradient: three matmuls over the
-loss positions, no recompute. Peak memory: one chunk of pairs' logits plus the gradients.
+loss positions, no recompute. On the torch path the chunk's softmax is built in place with one
+exp pass (the Triton path uses the row kernels of ``logprobs.py``). Peak memory: one chunk of
+pairs' logits plus the gradients.
 
 Loss types that couple the pairs (``kto_pair``, ``bco_pair``, ``aot``, ``aot_pair``: batch means,
 sorting) need every pair's ``pi`` before any gradient, so they take two passes: ``linear_logprobs``
-(which recomputes the logits in backward) feeding ``segment_sum`` and ``preference_loss``.
+(which recomputes the logits in backward), per-sequence sums and ``preference_loss``.
 """
 
 from __future__ import annotations

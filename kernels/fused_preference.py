@@ -104,7 +104,7 @@ class _FusedSeparable(torch.autograd.Function):
     """One pass: log-probs, loss and all gradients, chunk by chunk of whole pairs."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, pos, y, seq_t, pair_t, role_t, ref, opts, loss_kw):
+    def forward(ctx, hidden, weight, bias, pos, y, pair_t, role_t, ref, opts, loss_kw):
         n_pairs = ref.shape[1]
         ones = torch.ones_like(pair_t, dtype=torch.float32)
         counts = torch.zeros(2, n_pairs, device=hidden.device).index_put_((role_t, pair_t), ones, accumulate=True)
@@ -163,7 +163,7 @@ class _FusedSeparable(torch.autograd.Function):
                 g.mul_(grad_loss)
             grads.append(None if g is None else g.to(dtype))
         ctx.grads = None
-        return (*grads, None, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None)
 
 
 def fused_preference_loss(
@@ -231,6 +231,6 @@ def fused_preference_loss(
         ref = torch.stack((reference_chosen_logps, reference_rejected_logps)).float().to(hidden.device)
     loss_kw = {"average_log_prob": average_log_prob, "loss": loss_kw}
     loss, losses, rewards, pi = _FusedSeparable.apply(
-        hidden, weight, bias, pos, labels[pos], seq_t[pos], pair_t[pos], role_t[pos], ref, opts, loss_kw
+        hidden, weight, bias, pos, labels[pos], pair_t[pos], role_t[pos], ref, opts, loss_kw
     )
     return PreferenceLossOutput(loss, losses, rewards[0], rewards[1], pi[0], pi[1])

@@ -84,8 +84,9 @@ def segment_sum_reference(values, seq_index=None, cu_seqlens=None):
     """Plain loop over segments, fp32."""
     _, cu = _layout(values, seq_index, cu_seqlens)
     bounds = cu.tolist()
-    return torch.stack([values[a:b].float().sum() for a, b in zip(bounds[:-1], bounds[1:])]) if len(bounds) > 1 \
-        else values.new_zeros(0, dtype=torch.float32)
+    if len(bounds) == 1:
+        return values.new_zeros(0, dtype=torch.float32)
+    return torch.stack([values[a:b].float().sum() for a, b in zip(bounds[:-1], bounds[1:])])
 
 
 def segment_sum(values, seq_index=None, cu_seqlens=None, *, backend=None):

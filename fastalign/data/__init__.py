@@ -1,0 +1,5 @@
+"""Data: tokenized sequences, padding-free packing, PackedBatch."""
+
+from .packing import IGNORE_INDEX, PackedBatch, Sequence, pack, pack_all, plan_batches
+
+__all__ = ["IGNORE_INDEX", "PackedBatch", "Sequence", "pack", "pack_all", "plan_batches"]

@@ -1,0 +1,133 @@
+"""Padding-free packing: whole sequences laid end to end in one row, no pad token computed.
+
+Sequences come in *units* that must share a batch: a single sequence for SFT, a (chosen,
+rejected) pair for preference training. Units are placed by best-fit decreasing into batches of
+at most ``max_tokens`` tokens (longest first, each into the fullest batch it still fits), then
+each batch becomes one ``PackedBatch``:
+
+    input_ids    [1, N]   every sequence's tokens, end to end
+    position_ids [1, N]   restarting at 0 for each sequence (what isolates sequences in attention)
+    cu_seqlens   [S+1]    int32 sequence boundaries; max_seqlen the longest sequence
+    seq_index    [N]      which sequence each token belongs to
+    labels       [N]      the next token where it is a loss token of the same sequence, else -100:
+                          so never across a boundary, and never at a sequence's last token
+    chosen, rejected [P]  for pairs: the sequence indices of each pair's two halves
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Sequence:
+    """One tokenized sequence; ``loss_mask[t]`` says whether token t is predicted with a loss."""
+
+    input_ids: list[int]
+    loss_mask: list[bool] | None = None  # None: every token after the first carries a loss
+
+    def __post_init__(self):
+        if not self.input_ids:
+            raise ValueError("a sequence needs at least one token")
+        if self.loss_mask is not None and len(self.loss_mask) != len(self.input_ids):
+            raise ValueError(f"loss_mask has {len(self.loss_mask)} entries for {len(self.input_ids)} tokens")
+
+
+@dataclass
+class PackedBatch:
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    seq_index: torch.Tensor
+    labels: torch.Tensor
+    chosen: torch.Tensor | None = None
+    rejected: torch.Tensor | None = None
+    extras: dict = field(default_factory=dict)  # per-sequence tensors (margins, scores, ...)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.shape[1]
+
+    @property
+    def num_sequences(self) -> int:
+        return self.cu_seqlens.numel() - 1
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return int((self.labels != IGNORE_INDEX).sum())
+
+    def to(self, device) -> PackedBatch:
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return PackedBatch(
+            move(self.input_ids), move(self.position_ids), move(self.cu_seqlens), self.max_seqlen,
+            move(self.seq_index), move(self.labels), move(self.chosen), move(self.rejected),
+            {k: move(v) for k, v in self.extras.items()},
+        )
+
+
+def plan_batches(unit_lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Best-fit decreasing: lists of unit indices, each list's lengths summing to <= max_tokens.
+
+    Deterministic: ties keep the input order. A unit longer than ``max_tokens`` is an error.
+    """
+    for i, n in enumerate(unit_lengths):
+        if n > max_tokens:
+            raise ValueError(f"unit {i} has {n} tokens, more than max_tokens_per_batch={max_tokens}")
+    order = sorted(range(len(unit_lengths)), key=lambda i: -unit_lengths[i])
+    batches: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, batch index), sorted
+    for i in order:
+        need = unit_lengths[i]
+        k = bisect.bisect_left(free, (need, -1))
+        if k < len(free):
+            room, b = free.pop(k)
+        else:
+            room, b = max_tokens, len(batches)
+            batches.append([])
+        batches[b].append(i)
+        bisect.insort(free, (room - need, b))
+    return batches
+
+
+def pack(units: list[list[Sequence]], extras: dict[str, list[float]] | None = None) -> PackedBatch:
+    """One ``PackedBatch`` from units (lists of sequences). Units of two sequences are pairs
+    (chosen first); ``extras`` maps a name to one value per *sequence* (in unit order)."""
+    seqs = [s for unit in units for s in unit]
+    lengths = [len(s.input_ids) for s in seqs]
+    ids, pos, labels, seq_index = [], [], [], []
+    for k, s in enumerate(seqs):
+        n = len(s.input_ids)
+        mask = s.loss_mask if s.loss_mask is not None else [True] * n
+        ids += s.input_ids
+        pos += range(n)
+        seq_index += [k] * n
+        labels += [s.input_ids[t + 1] if mask[t + 1] else IGNORE_INDEX for t in range(n - 1)] + [IGNORE_INDEX]
+    cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lengths).cumsum(0)
+    batch = PackedBatch(
+        input_ids=torch.tensor(ids).unsqueeze(0),
+        position_ids=torch.tensor(pos).unsqueeze(0),
+        cu_seqlens=cu,
+        max_seqlen=max(lengths),
+        seq_index=torch.tensor(seq_index),
+        labels=torch.tensor(labels),
+        extras={k: torch.tensor(v, dtype=torch.float32) for k, v in (extras or {}).items()},
+    )
+    if units and all(len(u) == 2 for u in units):
+        starts = torch.arange(0, len(seqs), 2)
+        batch.chosen, batch.rejected = starts, starts + 1
+    elif any(len(u) != 1 for u in units):
+        raise ValueError("units must all be single sequences or all be (chosen, rejected) pairs")
+    return batch
+
+
+def pack_all(units: list[list[Sequence]], max_tokens: int) -> list[PackedBatch]:
+    """Plan and pack every unit: the batches of an epoch, in plan order."""
+    plan = plan_batches([sum(len(s.input_ids) for s in u) for u in units], max_tokens)
+    return [pack([units[i] for i in batch]) for batch in plan]

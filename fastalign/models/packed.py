@@ -1,0 +1,51 @@
+"""The packed forward: one Hugging Face model body call per packed row, heads where they are needed.
+
+The body runs on the whole row with ``position_ids`` restarting per sequence, no attention mask
+and no cache: that is what makes transformers' sdpa and flash attention keep packed sequences
+apart (with a cache, or a mask, sequences would silently attend to each other). The lm_head then
+runs only at loss positions, through the fused ``linear_logprobs``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastalign.data import IGNORE_INDEX, PackedBatch
+from fastalign.kernels import linear_logprobs
+
+
+def body(model):
+    """The transformer body under a causal-LM head (``model.model``, ``model.transformer``, ...)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wrapper
+    base = getattr(inner, "base_model", None)
+    if base is None or base is inner:
+        raise TypeError(f"{type(model).__name__} has no transformer body under its head")
+    return base
+
+
+def lm_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The output projection's ``(weight [V, H], bias [V] or None)``."""
+    head = model.get_output_embeddings()
+    if head is None:
+        raise TypeError(f"{type(model).__name__} has no output embeddings (lm_head)")
+    return head.weight, getattr(head, "bias", None)
+
+
+def packed_hidden(model, batch: PackedBatch) -> torch.Tensor:
+    """Final hidden states ``[N, H]`` of every token of the packed row."""
+    out = body(model)(
+        input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=None, use_cache=False
+    )
+    return out.last_hidden_state[0]
+
+
+def packed_logprobs(model, batch: PackedBatch, temperature: float = 1.0) -> torch.Tensor:
+    """fp32 log-prob of each token's label ``[N]``, 0 where no loss is taken.
+
+    The lm_head runs only at the ``batch.num_loss_tokens`` loss positions.
+    """
+    hidden = packed_hidden(model, batch)
+    weight, bias = lm_head(model)
+    pos = (batch.labels != IGNORE_INDEX).nonzero()[:, 0]
+    logp = linear_logprobs(hidden[pos], weight, batch.labels[pos], bias, temperature=temperature)
+    return torch.zeros(batch.num_tokens, dtype=torch.float32, device=hidden.device).index_put((pos,), logp)

@@ -1,5 +1,8 @@
 """Data: tokenized sequences, padding-free packing, PackedBatch."""
 
+from .formats import TokenizeReport, tokenize_sft
 from .packing import IGNORE_INDEX, PackedBatch, Sequence, pack, pack_all, plan_batches
 
-__all__ = ["IGNORE_INDEX", "PackedBatch", "Sequence", "pack", "pack_all", "plan_batches"]
+__all__ = [
+    "IGNORE_INDEX", "PackedBatch", "Sequence", "pack", "pack_all", "plan_batches", "TokenizeReport", "tokenize_sft",
+]

@@ -32,10 +32,10 @@ from typing import NamedTuple
 
 import torch
 
-from .linear_logprobs import CHUNK_BYTES, linear_logprobs
+from .linear_logprobs import CHUNK_BYTES, chunk_logits, linear_logprobs
 from .logprobs import check_labels, make_options, row_grad, row_stats
 from .preference import COUPLED_LOSS_TYPES, preference_loss
-from .segments import _layout
+from .segments import packed_layout
 
 
 class PreferenceLossOutput(NamedTuple):
@@ -118,7 +118,7 @@ class _FusedSeparable(torch.autograd.Function):
             h = hidden[pos[rows]]
             yc, pc, rc = y[rows], pair_t[rows] - p0, role_t[rows]
             # 1. The chunk's logits, reduced to per-token log-probs, then per-sequence sums.
-            z = (h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())).float().unsqueeze(0)
+            z = chunk_logits(h, weight, bias).unsqueeze(0)
             if opts.backend == "torch":
                 logp, row_sums = _logp_in_place(z[0], yc, opts.temperature)
             else:
@@ -200,7 +200,7 @@ def fused_preference_loss(
         raise ValueError(f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} must be [N, H] and [V, H]")
     if labels.shape != hidden.shape[:1]:
         raise ValueError(f"labels {tuple(labels.shape)} must be [N] = [{hidden.shape[0]}]")
-    seq_t, cu = _layout(labels, seq_index, cu_seqlens)
+    seq_t, cu = packed_layout(labels, seq_index, cu_seqlens)
     opts = make_options(hidden.device, ignore_index, temperature, None, backend)
     check_labels(labels, weight.shape[0], opts.ignore_index)
     pair_t, role_t = _pair_layout(seq_t, cu.numel() - 1, chosen, rejected)

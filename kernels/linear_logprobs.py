@@ -36,7 +36,7 @@ from .logprobs import RowOptions, check_labels, make_options, row_grad, row_stat
 CHUNK_BYTES = 64 * 2**20
 
 
-def _chunk_logits(hidden, weight, bias):
+def chunk_logits(hidden, weight, bias):
     """``[C, V]`` fp32 logits of one chunk, a fresh buffer the caller may overwrite."""
     logits = hidden @ weight.t() if bias is None else torch.addmm(bias, hidden, weight.t())
     return logits.float()
@@ -52,14 +52,14 @@ class _LinearLogprobs(torch.autograd.Function):
         step = opts.chunk_size or max(1, CHUNK_BYTES // (4 * weight.shape[0]))
         for s in range(0, n, step):
             e = min(s + step, n)
-            logits = _chunk_logits(hidden[s:e], weight, bias).unsqueeze(0)
+            logits = chunk_logits(hidden[s:e], weight, bias).unsqueeze(0)
             lp, nm, h = row_stats(logits, labels[s:e].unsqueeze(0), opts, with_entropy)
             logp[s:e], norm[s:e] = lp[0], nm[0]
             if with_entropy:
                 ent[s:e] = h[0]
             del logits
         ctx.save_for_backward(hidden, weight, bias, labels, norm, ent)
-        ctx.opts, ctx.step = opts, step
+        ctx.opts = opts
         if not with_entropy:
             return logp
         return logp, ent
@@ -81,7 +81,7 @@ class _LinearLogprobs(torch.autograd.Function):
             v1 = min(v0 + step, v)
             w_tile = weight[v0:v1]
             # 1. Recompute the tile's logits and turn them, in place, into dL/dlogits (fp32).
-            dlogits = _chunk_logits(hidden, w_tile, None if bias is None else bias[v0:v1]).unsqueeze(0)
+            dlogits = chunk_logits(hidden, w_tile, None if bias is None else bias[v0:v1]).unsqueeze(0)
             row_grad(
                 dlogits, dlogits, labels.unsqueeze(0), norm.unsqueeze(0),
                 None if ent is None else ent.unsqueeze(0), g_logp, g_ent, ctx.opts, col0=v0,

@@ -49,7 +49,7 @@ class _SegmentSumTriton(torch.autograd.Function):
         return grad[seq_index], None, None
 
 
-def _layout(values, seq_index, cu_seqlens):
+def packed_layout(values, seq_index, cu_seqlens):
     """Both forms of the layout, ``(seq_index [N] int64, cu_seqlens [S+1] int32)``, checked."""
     if values.dim() != 1:
         raise ValueError(f"values must be one packed row [N], got shape {tuple(values.shape)}")
@@ -82,7 +82,7 @@ def _layout(values, seq_index, cu_seqlens):
 
 def segment_sum_reference(values, seq_index=None, cu_seqlens=None):
     """Plain loop over segments, fp32."""
-    _, cu = _layout(values, seq_index, cu_seqlens)
+    _, cu = packed_layout(values, seq_index, cu_seqlens)
     bounds = cu.tolist()
     if len(bounds) == 1:
         return values.new_zeros(0, dtype=torch.float32)
@@ -98,7 +98,7 @@ def segment_sum(values, seq_index=None, cu_seqlens=None, *, backend=None):
     path = resolve_backend(values.device, backend)
     if path == "reference":
         return segment_sum_reference(values, seq_index, cu_seqlens)
-    idx, cu = _layout(values, seq_index, cu_seqlens)
+    idx, cu = packed_layout(values, seq_index, cu_seqlens)
     if path == "triton":
         return _SegmentSumTriton.apply(values, cu, idx)
     out = torch.zeros(cu.numel() - 1, dtype=torch.float32, device=values.device)

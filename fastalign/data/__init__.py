@@ -1,8 +1,10 @@
-"""Data: tokenized sequences, padding-free packing, PackedBatch."""
+"""Data: reading datasets, tokenized sequences, padding-free packing, PackedBatch."""
 
 from .formats import TokenizeReport, tokenize_sft
+from .loading import load_rows
 from .packing import IGNORE_INDEX, PackedBatch, Sequence, pack, pack_all, plan_batches
 
 __all__ = [
-    "IGNORE_INDEX", "PackedBatch", "Sequence", "pack", "pack_all", "plan_batches", "TokenizeReport", "tokenize_sft",
+    "IGNORE_INDEX", "PackedBatch", "Sequence", "load_rows", "pack", "pack_all", "plan_batches", "TokenizeReport",
+    "tokenize_sft",
 ]

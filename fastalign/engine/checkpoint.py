@@ -1,0 +1,134 @@
+"""Checkpoints: the model in Hugging Face format plus everything an exact resume needs.
+
+A checkpoint is ``OUTPUT_DIR/checkpoint-STEP/`` holding the model (``save_pretrained``, safetensors;
+only the adapters for a PEFT model), the tokenizer when there is one, and ``trainer_state.pt``
+(optimizer, schedule, RNG states, step). It is written into a temporary folder first and renamed
+into place in one ``os.replace``: a run killed mid-save leaves the previous checkpoints intact and
+no half-written ``checkpoint-*`` folder. Older checkpoints beyond ``save_total_limit`` are removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+STATE_FILE = "trainer_state.pt"
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoints(output_dir) -> list[Path]:
+    """Complete checkpoints in ``output_dir``, oldest first."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(output_dir) -> Path | None:
+    found = checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """No per-shard progress bar from ``save_pretrained`` under the run's own bar."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def save_checkpoint(output_dir, step: int, model, tokenizer, trainer_state: dict, save_total_limit=None) -> Path:
+    """Write ``checkpoint-{step}`` atomically; returns its path."""
+    root = Path(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"checkpoint-{step}"
+    for stale in root.glob(".tmp-checkpoint-*"):  # left by a run killed mid-save
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = root / f".tmp-checkpoint-{step}-{os.getpid()}"
+    tmp.mkdir()
+    try:
+        with quiet_transformers():
+            model.save_pretrained(tmp, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+        torch.save({**trainer_state, "step": step, "rng": rng_state()}, tmp / STATE_FILE)
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step}, indent=1))
+        _fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():  # a rerun writing the same step: the new one replaces it
+        old = root / f".old-checkpoint-{step}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    if save_total_limit:
+        for stale in checkpoints(root)[:-save_total_limit]:
+            shutil.rmtree(stale)
+    return final
+
+
+def load_model_weights(model, checkpoint: Path) -> None:
+    """Load the weights ``save_pretrained`` wrote in ``checkpoint`` into ``model`` (PEFT or not)."""
+    from safetensors.torch import load_file
+
+    checkpoint = Path(checkpoint)
+    if hasattr(model, "peft_config"):
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(checkpoint / "adapter_model.safetensors"))
+        return
+    files = sorted(checkpoint.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{checkpoint} holds no .safetensors weights")
+    state = {}
+    for f in files:
+        state.update(load_file(f))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise ValueError(f"{checkpoint}: weights do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+
+
+def load_trainer_state(checkpoint: Path) -> dict:
+    return torch.load(Path(checkpoint) / STATE_FILE, weights_only=False)

@@ -1,0 +1,107 @@
+"""The optimisation engine: device, precision, AdamW and its schedule, backward and clipped steps.
+
+Algorithms never touch the optimizer themselves: they hand a loss to ``backward`` and call
+``step`` once per optimizer step. The same calls run plain torch on one device, or DeepSpeed ZeRO
+(``fastalign.engine.distributed``) when the config names a DeepSpeed config or the run has
+several processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from transformers import get_scheduler
+
+from . import distributed
+from .config import TrainingConfig
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", distributed.local_rank())
+    return torch.device("cpu")
+
+
+def bf16_supported(device: torch.device) -> bool:
+    return device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
+
+
+def warmup_steps(config: TrainingConfig, num_training_steps: int) -> int:
+    return config.warmup_steps if config.warmup_steps > 0 else math.ceil(config.warmup_ratio * num_training_steps)
+
+
+def adamw(model: torch.nn.Module, config: TrainingConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; biases and norm weights (1-d) get no weight decay."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=config.learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
+    )
+
+
+class Engine:
+    """Owns the trained model's optimizer, schedule, precision and (optionally) DeepSpeed."""
+
+    def __init__(self, model, config: TrainingConfig, num_training_steps: int, optimizer=None, lr_scheduler=None):
+        self.config = config
+        self.device = default_device()
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        if config.bf16 and not bf16_supported(self.device):
+            raise ValueError(f"bf16=True but {self.device} does not support bfloat16")
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model = model.to(self.device)
+        self.optimizer = optimizer or adamw(model, config)
+        # Every schedule warms up first ("constant" is transformers' constant_with_warmup).
+        kind = "constant_with_warmup" if config.lr_scheduler_type == "constant" else config.lr_scheduler_type
+        self.lr_scheduler = lr_scheduler or get_scheduler(
+            kind, self.optimizer,
+            num_warmup_steps=warmup_steps(config, num_training_steps), num_training_steps=num_training_steps,
+        )
+        self.deepspeed = None
+        if config.deepspeed is not None or self.world_size > 1:
+            self.deepspeed = distributed.initialize_training(self, config)
+
+    @property
+    def zero_stage(self) -> int | None:
+        return None if self.deepspeed is None else self.deepspeed.zero_optimization_stage()
+
+    def autocast(self):
+        if not self.config.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate the gradient of ``loss``, already scaled to its share of the optimizer step."""
+        if self.deepspeed is not None:
+            self.deepspeed.backward(loss, scale_wrt_gas=False)
+        else:
+            loss.backward()
+
+    def step(self) -> float:
+        """Clip, step the optimizer and the schedule, zero the gradients; the pre-clip grad norm."""
+        if self.deepspeed is not None:
+            return distributed.deepspeed_step(self.deepspeed)
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        max_norm = self.config.max_grad_norm if self.config.max_grad_norm else float("inf")
+        norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        if not math.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(f"non-finite gradient norm ({norm}); the step was skipped, weights unchanged")
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    @property
+    def lr(self) -> float:
+        return self.lr_scheduler.get_last_lr()[0]
+

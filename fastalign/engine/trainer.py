@@ -1,0 +1,207 @@
+"""The one training loop every fastalign algorithm (except PPO and DDPO's outer loop) runs on.
+
+An algorithm subclasses ``Trainer`` and supplies two things:
+
+- ``compute_loss(batch) -> (loss_sum, sums)``: the loss of one packed micro-batch as a *sum*
+  (over loss tokens for SFT, over pairs for preference losses) and a dict of other sums to log;
+- ``batch_weight(batch)``: what the sums count (default: the batch's loss tokens).
+
+Each optimizer step takes ``gradient_accumulation_steps x world_size`` packed micro-batches, known
+in advance, and divides every sum by the step's total weight. The gradient and the logged values
+are therefore exact means over the step, however it is split across micro-batches and devices.
+When an epoch's last step has fewer micro-batches than that, the processes left without one run a
+weight-0 copy, so every process does the same forwards (ZeRO-3 needs it) and no data is dropped.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+from transformers import set_seed
+
+from fastalign.data import PackedBatch, pack_all
+
+from . import checkpoint as ckpt
+from . import distributed
+from .config import TrainingConfig
+from .engine import Engine
+from .metrics import MetricsLogger
+
+
+class Trainer:
+    def __init__(self, model, args: TrainingConfig, train_units, eval_units=None, tokenizer=None,
+                 optimizers=(None, None)):
+        if not train_units:
+            raise ValueError("the training set is empty (after tokenization and truncation)")
+        self.args = args
+        self.tokenizer = tokenizer
+        set_seed(args.seed)
+        self.train_batches = self.make_batches(train_units)
+        self.eval_batches = self.make_batches(eval_units) if eval_units else []
+        self.world_size = distributed.world_size()
+        self.group_size = args.gradient_accumulation_steps * self.world_size
+        self.steps_per_epoch = math.ceil(len(self.train_batches) / self.group_size)
+        self.num_training_steps = args.max_steps if args.max_steps > 0 else args.num_train_epochs * self.steps_per_epoch
+        self.engine = Engine(model, args, self.num_training_steps, *optimizers)
+        self.model = model
+        self.state = {"step": 0}
+        self.logger = None
+
+    # ---- what an algorithm supplies -------------------------------------------------------------
+    def make_batches(self, units) -> list[PackedBatch]:
+        return pack_all(units, self.args.max_tokens_per_batch)
+
+    def batch_weight(self, batch: PackedBatch) -> float:
+        return float(batch.num_loss_tokens)
+
+    def compute_loss(self, batch: PackedBatch) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def step_batches(self, step: int) -> list[PackedBatch]:
+        """The micro-batches of optimizer step ``step`` (all processes); epochs reshuffle."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        order = list(range(len(self.train_batches)))
+        if self.args.shuffle:
+            order = torch.randperm(len(order), generator=torch.Generator().manual_seed(self.args.seed + epoch)).tolist()
+        return [self.train_batches[i] for i in order[k * self.group_size:(k + 1) * self.group_size]]
+
+    def _my_share(self, group: list[PackedBatch]) -> list[tuple[PackedBatch, bool]]:
+        """This process's micro-batches of a step, each with whether it counts (weight-0 filler)."""
+        padded = group + [None] * (math.ceil(len(group) / self.world_size) * self.world_size - len(group))
+        mine = padded[distributed.rank()::self.world_size]
+        return [(b, True) if b is not None else (group[0], False) for b in mine]
+
+    def _run_step(self, group: list[PackedBatch]) -> dict:
+        total_weight = sum(self.batch_weight(b) for b in group)
+        if total_weight <= 0:
+            raise ValueError(f"step {self.state['step']}: its micro-batches carry no loss (weight 0)")
+        loss_total, sums, tokens, real = 0.0, {}, 0, 0
+        for batch, counts in self._my_share(group):
+            batch = batch.to(self.engine.device)
+            with self.engine.autocast():
+                loss_sum, batch_sums = self.compute_loss(batch)
+            if not torch.isfinite(loss_sum):
+                raise FloatingPointError(
+                    f"non-finite loss ({loss_sum.item()}) at step {self.state['step']}: stopping before the "
+                    "weights are touched (lower the learning rate, check the data, or try fp32)"
+                )
+            self.engine.backward(loss_sum * (1.0 / total_weight if counts else 0.0))
+            if counts:
+                loss_total += loss_sum.item()
+                tokens += batch.num_tokens
+                real += int(batch.cu_seqlens[-1])
+                for key, value in batch_sums.items():
+                    sums[key] = sums.get(key, 0.0) + float(value)
+        keys = sorted(sums)
+        reduced = distributed.all_reduce_sum([loss_total, tokens, real] + [sums[k] for k in keys], self.engine.device)
+        # Pad tokens over all tokens computed: 0 by construction for packed batches.
+        metrics = {"loss": reduced[0] / total_weight, "num_tokens": reduced[1], "padding_fraction": 1 - reduced[2] / reduced[1]}
+        metrics.update({k: v / total_weight for k, v in zip(keys, reduced[3:])})
+        return metrics
+
+    def evaluate(self) -> dict:
+        """Exact means of the loss and the logged sums over the evaluation set, prefixed ``eval/``."""
+        if not self.eval_batches:
+            return {}
+        was_training = self.model.training
+        self.model.eval()
+        n = len(self.eval_batches)
+        share = [(self.eval_batches[i % n], i < n) for i in range(distributed.rank(), math.ceil(n / self.world_size) * self.world_size, self.world_size)]
+        loss_total, weight, sums = 0.0, 0.0, {}
+        with torch.no_grad():
+            for batch, counts in share:
+                batch = batch.to(self.engine.device)
+                with self.engine.autocast():
+                    loss_sum, batch_sums = self.compute_loss(batch)
+                if counts:
+                    loss_total += loss_sum.item()
+                    weight += self.batch_weight(batch)
+                    for key, value in batch_sums.items():
+                        sums[key] = sums.get(key, 0.0) + float(value)
+        self.model.train(was_training)
+        keys = sorted(sums)
+        reduced = distributed.all_reduce_sum([loss_total, weight] + [sums[k] for k in keys], self.engine.device)
+        out = {"eval/loss": reduced[0] / reduced[1]}
+        out.update({f"eval/{k}": v / reduced[1] for k, v in zip(keys, reduced[2:])})
+        return out
+
+    def train(self) -> dict:
+        args = self.args
+        set_seed(args.seed)  # the run repeats whatever ran between construction and train()
+        start = self._resume() if args.resume_from_checkpoint else 0
+        self.logger = MetricsLogger(
+            args.output_dir, self.num_training_steps, start, args.report_to, enabled=distributed.is_main(),
+            show_bar=not args.disable_tqdm,
+        )
+        self.model.train()
+        window, began, losses = [], time.perf_counter(), []
+        try:
+            for step in range(start, self.num_training_steps):
+                self.state["step"] = step
+                t0 = time.perf_counter()
+                lr = self.engine.lr
+                metrics = self._run_step(self.step_batches(step))
+                metrics["grad_norm"] = self.engine.step()
+                seconds = time.perf_counter() - t0
+                metrics.update(lr=lr, epoch=(step + 1) / self.steps_per_epoch, seconds_per_step=seconds,
+                               tokens_per_s=metrics["num_tokens"] / seconds)
+                self.state["step"] = done = step + 1
+                losses.append(metrics["loss"])
+                window.append(metrics)
+                if done % args.logging_steps == 0 or done == self.num_training_steps:
+                    self.logger.log(done, _mean(window))
+                    window = []
+                if args.eval_steps and done % args.eval_steps == 0 and done < self.num_training_steps:
+                    self.logger.log(done, self.evaluate())
+                if args.save_steps and done % args.save_steps == 0:
+                    self.save_checkpoint()
+                self.logger.advance()
+            final = self.evaluate()
+            if final:
+                self.logger.log(self.num_training_steps, final)
+            self.save_model(args.output_dir)
+        finally:
+            self.logger.close()
+        runtime = time.perf_counter() - began
+        return {"train_loss": sum(losses) / len(losses) if losses else float("nan"), "train_runtime": runtime,
+                "steps": self.num_training_steps - start, **final}
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def save_model(self, output_dir) -> None:
+        """The trained model (and tokenizer) in Hugging Face format, written by the main process."""
+        if distributed.is_main():
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            with ckpt.quiet_transformers():
+                self.model.save_pretrained(output_dir, safe_serialization=True)
+                if self.tokenizer is not None:
+                    self.tokenizer.save_pretrained(output_dir)
+
+    def save_checkpoint(self) -> Path:
+        state = {"optimizer": self.engine.optimizer.state_dict(), "scheduler": self.engine.lr_scheduler.state_dict()}
+        path = ckpt.save_checkpoint(self.args.output_dir, self.state["step"], self.model, self.tokenizer, state,
+                                    self.args.save_total_limit)
+        self.logger.write(f"saved {path}")
+        return path
+
+    def _resume(self) -> int:
+        target = self.args.resume_from_checkpoint
+        path = ckpt.latest_checkpoint(self.args.output_dir) if target is True else Path(target)
+        if path is None or not path.is_dir():
+            raise FileNotFoundError(f"resume_from_checkpoint={target!r}: no checkpoint found (output_dir={self.args.output_dir})")
+        state = ckpt.load_trainer_state(path)
+        ckpt.load_model_weights(self.model, path)
+        self.engine.optimizer.load_state_dict(state["optimizer"])
+        self.engine.lr_scheduler.load_state_dict(state["scheduler"])
+        ckpt.set_rng_state(state["rng"])
+        self.state["step"] = state["step"]
+        return state["step"]
+
+
+def _mean(records: list[dict]) -> dict:
+    """Metrics over a logging window: means, except the position in the run (last value)."""
+    last = ("lr", "epoch")
+    return {k: records[-1][k] if k in last else sum(r[k] for r in records) / len(records) for k in records[0]}

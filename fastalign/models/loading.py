@@ -1,0 +1,76 @@
+"""Loading models and tokenizers, and picking the attention backend for the packed forward.
+
+Models are named as on the Hugging Face hub (or a local path), or given as objects. Two built-in
+names need no download: ``fastalign/tiny-llama`` and ``fastalign/tiny-qwen2`` (random weights, the
+character tokenizer), the embedded default.
+
+Attention, best first: ``flash_attention_2`` when flash-attn is installed and the model is on
+CUDA; torch's ``varlen_attn`` on CUDA; ``sdpa`` elsewhere. All three keep packed sequences apart
+given restarting ``position_ids``, no attention mask and no cache (the packed forward does that).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from .tiny import char_tokenizer, tiny_model
+
+BUILTIN = {"fastalign/tiny-llama": "llama", "fastalign/tiny-qwen2": "qwen2"}
+
+
+def attention_backend(device) -> tuple[str, str]:
+    """``(attn_implementation, why)`` for a model that will run on ``device``."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        if importlib.util.find_spec("flash_attn") is not None:
+            return "flash_attention_2", "flash-attn is installed and the model runs on CUDA"
+        from .varlen import register_varlen_attention
+
+        if register_varlen_attention():
+            return "fastalign_varlen", "CUDA without flash-attn: torch varlen_attn"
+    return "sdpa", f"{device.type}: sdpa with restarting position_ids and no attention mask"
+
+
+def load_tokenizer(name: str):
+    if name in BUILTIN:
+        return char_tokenizer()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(model, *, dtype=None, trust_remote_code: bool = False, device=None, attn_implementation=None,
+               num_labels: int | None = None, **tiny_kwargs):
+    """A causal LM (or, with ``num_labels``, a sequence classifier) from a name, path or object.
+
+    Returns ``(model, attention_report)``; the attention backend is picked for ``device``
+    (default: CUDA when available) unless ``attn_implementation`` names one.
+    """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    impl, why = (attn_implementation, "asked for") if attn_implementation else attention_backend(device)
+    if isinstance(dtype, str):
+        dtype = None if dtype == "auto" else getattr(torch, dtype)
+    if not isinstance(model, str):
+        if attn_implementation or impl != "sdpa":
+            model.set_attn_implementation(impl)
+        return model, f"{model.config._attn_implementation} ({why})"
+    if model in BUILTIN:
+        if num_labels is not None:
+            raise ValueError(f"{model} is a causal LM; a scalar head is added by the reward trainer")
+        built = tiny_model(BUILTIN[model], **tiny_kwargs)
+        if dtype is not None:
+            built = built.to(dtype)
+        return load_model(built, device=device, attn_implementation=attn_implementation)
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=impl)
+    if num_labels is None:
+        loaded = AutoModelForCausalLM.from_pretrained(model, **kwargs)
+    else:
+        loaded = AutoModelForSequenceClassification.from_pretrained(model, num_labels=num_labels, **kwargs)
+    return loaded, f"{impl} ({why})"

@@ -1,0 +1,121 @@
+"""Checkpoints: atomic writes, rotation, and an exact resume after a killed run."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastalign.engine import checkpoint as ckpt
+from fastalign.engine.metrics import read_metrics
+from fastalign.models.tiny import tiny_model
+
+# The run a test kills: a tiny SFT run, slowed to ~0.3 s per step so the kill lands mid-run.
+RUN = """
+import sys, time
+from fastalign.algorithms import SFTConfig, SFTTrainer
+from fastalign.models.tiny import char_tokenizer, tiny_model
+
+class Slow(SFTTrainer):
+    def compute_loss(self, batch):
+        time.sleep(float(sys.argv[3]))
+        return super().compute_loss(batch)
+
+rows = [{"prompt": f"{a} {b}=", "completion": str(a * b)} for a in range(7) for b in range(6)]
+args = SFTConfig(output_dir=sys.argv[1], learning_rate=1e-2, max_steps=10, max_tokens_per_batch=64, save_steps=2,
+                 save_total_limit=None, disable_tqdm=True, seed=0, neftune_noise_alpha=5.0,
+                 resume_from_checkpoint=sys.argv[2] == "resume" or None)
+Slow(tiny_model("llama", hidden_size=32, layers=1, heads=2, seed=1), args=args, train_dataset=rows,
+     tokenizer=char_tokenizer()).train()
+"""
+
+
+def run(out: Path, mode: str, delay: float, **popen):
+    return subprocess.Popen([sys.executable, "-c", RUN, str(out), mode, str(delay)], **popen)
+
+
+def test_killed_run_resumes_exactly(tmp_path):
+    whole = tmp_path / "whole"
+    assert run(whole, "fresh", 0.0).wait(timeout=300) == 0
+    killed = tmp_path / "killed"
+    proc = run(killed, "fresh", 0.3)
+    deadline = time.time() + 300
+    while not (killed / "checkpoint-4").exists():  # killed after step 4's checkpoint, mid-run
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = [r["step"] for r in read_metrics(killed) if "loss" in r]
+    assert done[-1] < 10, "the kill landed after the run finished"
+    assert run(killed, "resume", 0.0).wait(timeout=300) == 0
+    want = [(r["step"], r["loss"]) for r in read_metrics(whole) if "loss" in r]
+    got = [(r["step"], r["loss"]) for r in read_metrics(killed) if "loss" in r]
+    assert [s for s, _ in got] == list(range(1, 11))  # records past the checkpoint were dropped, then redone
+    assert got == want  # bit-identical: weights, optimizer, schedule, RNG (NEFTune noise) and data order
+    a = ckpt.load_model_weights  # the final models agree too
+    m1, m2 = tiny_model("llama", hidden_size=32, layers=1, heads=2), tiny_model("llama", hidden_size=32, layers=1, heads=2)
+    a(m1, whole)
+    a(m2, killed)
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(p, q)
+
+
+class _Boom(RuntimeError):
+    pass
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    model = tiny_model("llama", hidden_size=32, layers=1, heads=2)
+    first = ckpt.save_checkpoint(tmp_path, 2, model, None, {"optimizer": {}})
+    before = {p.name: p.read_bytes() for p in first.iterdir()}
+
+    def explode(*args, **kwargs):
+        raise _Boom("killed mid-save")
+
+    monkeypatch.setattr(ckpt.torch, "save", explode)  # dies after the weights were written
+    with pytest.raises(_Boom):
+        ckpt.save_checkpoint(tmp_path, 4, model, None, {"optimizer": {}})
+    assert ckpt.checkpoints(tmp_path) == [first]
+    assert {p.name: p.read_bytes() for p in first.iterdir()} == before
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_leftovers_of_a_killed_save_are_not_checkpoints(tmp_path):
+    model = tiny_model("llama", hidden_size=32, layers=1, heads=2)
+    (tmp_path / ".tmp-checkpoint-6-999").mkdir(parents=True)  # what SIGKILL mid-save leaves
+    assert ckpt.latest_checkpoint(tmp_path) is None
+    path = ckpt.save_checkpoint(tmp_path, 8, model, None, {})
+    assert ckpt.latest_checkpoint(tmp_path) == path and not list(tmp_path.glob(".tmp-*"))
+    assert json.loads((path / "trainer_state.json").read_text())["step"] == 8
+
+
+def test_rotation_keeps_the_newest(tmp_path):
+    model = tiny_model("llama", hidden_size=32, layers=1, heads=2)
+    for step in (2, 4, 6, 8):
+        ckpt.save_checkpoint(tmp_path, step, model, None, {}, save_total_limit=2)
+    assert [p.name for p in ckpt.checkpoints(tmp_path)] == ["checkpoint-6", "checkpoint-8"]
+
+
+def test_checkpoint_loads_back_with_from_pretrained(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("llama", hidden_size=32, layers=1, heads=2)
+    path = ckpt.save_checkpoint(tmp_path, 1, model, None, {})
+    loaded = AutoModelForCausalLM.from_pretrained(path)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
+    from fastalign.algorithms import SFTConfig, SFTTrainer
+    from fastalign.models.tiny import char_tokenizer
+
+    trainer = SFTTrainer(tiny_model("llama", hidden_size=32, layers=1, heads=2), tokenizer=char_tokenizer(),
+                         args=SFTConfig(output_dir=str(tmp_path), resume_from_checkpoint=True, disable_tqdm=True),
+                         train_dataset=[{"text": "hello"}])
+    with pytest.raises(FileNotFoundError, match="no checkpoint found"):
+        trainer.train()

@@ -32,6 +32,15 @@ def warmup_steps(config: TrainingConfig, num_training_steps: int) -> int:
     return config.warmup_steps if config.warmup_steps > 0 else math.ceil(config.warmup_ratio * num_training_steps)
 
 
+def enable_checkpointing(model) -> None:
+    """Recompute activations in backward (transformers renamed the switch; take either name)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def adamw(model: torch.nn.Module, config: TrainingConfig) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; biases and norm weights (1-d) get no weight decay."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -57,7 +66,7 @@ class Engine:
         if config.bf16 and not bf16_supported(self.device):
             raise ValueError(f"bf16=True but {self.device} does not support bfloat16")
         if config.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(model)
         self.model = model.to(self.device)
         self.optimizer = optimizer or adamw(model, config)
         # Every schedule warms up first ("constant" is transformers' constant_with_warmup).

@@ -1,0 +1,60 @@
+"""Loading models by name, path or object; the attention backend; LoRA and gradient checkpointing."""
+
+import pytest
+import torch
+
+from fastalign.algorithms import SFTConfig, SFTTrainer
+from fastalign.models import attention_backend, load_model, load_tokenizer
+from fastalign.models.tiny import char_tokenizer, tiny_model
+
+ROWS = [{"prompt": f"{a}{b}=", "completion": f"{b}{a}"} for a in range(6) for b in range(6)]
+
+
+def test_cpu_uses_sdpa_and_says_why():
+    impl, why = attention_backend("cpu")
+    assert impl == "sdpa" and "position_ids" in why
+
+
+def test_builtin_names_and_saved_paths(tmp_path):
+    model, report = load_model("fastalign/tiny-qwen2", device="cpu")
+    assert type(model).__name__ == "Qwen2ForCausalLM" and report.startswith("sdpa")
+    assert load_tokenizer("fastalign/tiny-qwen2").vocab_size == char_tokenizer().vocab_size
+    model.save_pretrained(tmp_path)
+    again, _ = load_model(str(tmp_path), device="cpu", dtype="bfloat16")
+    assert again.dtype == torch.bfloat16 and again.config._attn_implementation == "sdpa"
+    with pytest.raises(ValueError, match="unknown tiny arch"):
+        load_model(tiny_model("gpt2"))
+
+
+def test_lora_trains_only_adapters_and_resumes(tmp_path):
+    from peft import LoraConfig
+
+    base = tiny_model("llama", hidden_size=32, layers=1, heads=2)
+    frozen = {n: p.detach().clone() for n, p in base.named_parameters()}
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    args = SFTConfig(output_dir=str(tmp_path), max_steps=3, save_steps=2, learning_rate=1e-2, disable_tqdm=True,
+                     max_tokens_per_batch=64)
+    trainer = SFTTrainer(base, args=args, train_dataset=ROWS, tokenizer=char_tokenizer(), peft_config=lora)
+    trainer.train()
+    for name, p in trainer.model.get_base_model().named_parameters():
+        if "lora_" not in name:
+            assert torch.equal(p, frozen[name.replace("base_layer.", "")]), name
+    assert (tmp_path / "adapter_model.safetensors").exists() and (tmp_path / "checkpoint-2" / "adapter_model.safetensors").exists()
+    # Resuming a LoRA run loads the adapters back.
+    args.resume_from_checkpoint = str(tmp_path / "checkpoint-2")
+    again = SFTTrainer(tiny_model("llama", hidden_size=32, layers=1, heads=2), args=args, train_dataset=ROWS,
+                       tokenizer=char_tokenizer(), peft_config=lora)
+    assert again.train()["steps"] == 1
+
+
+def test_gradient_checkpointing_gives_the_same_step(tmp_path):
+    runs = []
+    for flag in (False, True):
+        args = SFTConfig(output_dir=str(tmp_path / str(flag)), max_steps=1, gradient_checkpointing=flag, disable_tqdm=True)
+        t = SFTTrainer(tiny_model("llama", hidden_size=32, layers=2, heads=2), args=args, train_dataset=ROWS,
+                       tokenizer=char_tokenizer())
+        assert getattr(t.model, "is_activation_checkpointing", t.model.is_gradient_checkpointing) is flag
+        t.train()
+        runs.append(t.model)
+    for p, q in zip(runs[0].parameters(), runs[1].parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)

@@ -1,8 +1,9 @@
 """Checkpoints: the model in Hugging Face format plus everything an exact resume needs.
 
 A checkpoint is ``OUTPUT_DIR/checkpoint-STEP/`` holding the model (``save_pretrained``, safetensors;
-only the adapters for a PEFT model), the tokenizer when there is one, and ``trainer_state.pt``
-(optimizer, schedule, RNG states, step). It is written into a temporary folder first and renamed
+only the adapters for a PEFT model), the tokenizer when there is one, ``trainer_state.pt``
+(optimizer, schedule, step), one ``rng_rankR.pt`` per process, and under DeepSpeed its own
+sharded optimizer states in ``deepspeed/``. It is written into a temporary folder first and renamed
 into place in one ``os.replace``: a run killed mid-save leaves the previous checkpoints intact and
 no half-written ``checkpoint-*`` folder. Older checkpoints beyond ``save_total_limit`` are removed.
 """
@@ -74,36 +75,54 @@ def _fsync_tree(folder: Path) -> None:
                 os.fsync(f.fileno())
 
 
-def save_checkpoint(output_dir, step: int, model, tokenizer, trainer_state: dict, save_total_limit=None) -> Path:
-    """Write ``checkpoint-{step}`` atomically; returns its path."""
+def save_checkpoint(output_dir, step: int, model, tokenizer, trainer_state: dict, save_total_limit=None,
+                    state_dict=None, write_extra=None, main: bool = True, barrier=lambda: None) -> Path:
+    """Write ``checkpoint-{step}`` atomically; returns its path.
+
+    With several processes every one calls this: the main one writes the model (``state_dict``,
+    gathered beforehand under ZeRO-3) and renames the folder into place; ``write_extra(tmp)``
+    (DeepSpeed's sharded optimizer states) and each process's RNG state are written by all.
+    """
     root = Path(output_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"checkpoint-{step}"
-    for stale in root.glob(".tmp-checkpoint-*"):  # left by a run killed mid-save
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = root / f".tmp-checkpoint-{step}-{os.getpid()}"
-    tmp.mkdir()
+    tmp = root / f".tmp-checkpoint-{step}"
+    if main:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp-checkpoint-*"):  # left by a run killed mid-save
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    barrier()
     try:
-        with quiet_transformers():
-            model.save_pretrained(tmp, safe_serialization=True)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-        torch.save({**trainer_state, "step": step, "rng": rng_state()}, tmp / STATE_FILE)
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step}, indent=1))
-        _fsync_tree(tmp)
+        if main:
+            with quiet_transformers():
+                model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(tmp)
+            torch.save({**trainer_state, "step": step}, tmp / STATE_FILE)
+        if write_extra is not None:
+            write_extra(tmp)
+        rank = int(os.environ.get("RANK", "0"))
+        torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
+        barrier()
+        if main:
+            (tmp / "trainer_state.json").write_text(json.dumps({"step": step}, indent=1))
+            _fsync_tree(tmp)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if final.exists():  # a rerun writing the same step: the new one replaces it
-        old = root / f".old-checkpoint-{step}-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
-    if save_total_limit:
-        for stale in checkpoints(root)[:-save_total_limit]:
-            shutil.rmtree(stale)
+    if main:
+        if final.exists():  # a rerun writing the same step: the new one replaces it
+            old = root / f".old-checkpoint-{step}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+        if save_total_limit:
+            for stale in checkpoints(root)[:-save_total_limit]:
+                shutil.rmtree(stale)
+    barrier()
     return final
 
 
@@ -131,4 +150,12 @@ def load_model_weights(model, checkpoint: Path) -> None:
 
 
 def load_trainer_state(checkpoint: Path) -> dict:
-    return torch.load(Path(checkpoint) / STATE_FILE, weights_only=False)
+    """The step, optimizer and schedule states, and this process's RNG state (under ``"rng"``)."""
+    checkpoint = Path(checkpoint)
+    state = torch.load(checkpoint / STATE_FILE, weights_only=False)
+    rank = int(os.environ.get("RANK", "0"))
+    rng = checkpoint / f"rng_rank{rank}.pt"
+    if not rng.exists():
+        raise FileNotFoundError(f"{checkpoint} has no RNG state for process {rank}: was it written by fewer processes?")
+    state["rng"] = torch.load(rng, weights_only=False)
+    return state

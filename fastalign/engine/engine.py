@@ -61,6 +61,7 @@ class Engine:
 
     def __init__(self, model, config: TrainingConfig, num_training_steps: int, optimizer=None, lr_scheduler=None):
         self.config = config
+        distributed.init_distributed()
         self.device = default_device()
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
         if config.bf16 and not bf16_supported(self.device):
@@ -88,17 +89,26 @@ class Engine:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
+    def forward(self, fn, *args):
+        """``fn(*args)``: under DeepSpeed inside its engine's forward, where ZeRO-3 gathers what it
+        reads (the fused head's ``lm_head.weight``) and routes the gradients back."""
+        return fn(*args) if self.deepspeed is None else self.deepspeed(fn, *args)
+
     def backward(self, loss: torch.Tensor) -> None:
         """Accumulate the gradient of ``loss``, already scaled to its share of the optimizer step."""
-        if self.deepspeed is not None:
-            self.deepspeed.backward(loss, scale_wrt_gas=False)
-        else:
+        if self.deepspeed is None:
             loss.backward()
+            return
+        # ZeRO averages gradients over processes and DeepSpeed steps only at the accumulation
+        # boundary (it counts the micro-batches); fastalign's loss is already the step's share.
+        self.deepspeed.backward(loss * self.world_size, scale_wrt_gas=False)
+        self.deepspeed.step()
 
     def step(self) -> float:
         """Clip, step the optimizer and the schedule, zero the gradients; the pre-clip grad norm."""
         if self.deepspeed is not None:
-            return distributed.deepspeed_step(self.deepspeed)
+            norm = self.deepspeed.get_global_grad_norm()
+            return float("nan") if norm is None else float(norm)
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm else float("inf")
         norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))

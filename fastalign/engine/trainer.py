@@ -71,7 +71,10 @@ class Trainer:
 
     def _my_share(self, group: list[PackedBatch]) -> list[tuple[PackedBatch, bool]]:
         """This process's micro-batches of a step, each with whether it counts (weight-0 filler)."""
-        padded = group + [None] * (math.ceil(len(group) / self.world_size) * self.world_size - len(group))
+        # DeepSpeed counts micro-batches to find the step boundary: every process runs exactly
+        # gradient_accumulation_steps of them.
+        size = self.group_size if self.engine.deepspeed is not None else len(group)
+        padded = group + [None] * (size - len(group))
         mine = padded[distributed.rank()::self.world_size]
         return [(b, True) if b is not None else (group[0], False) for b in mine]
 
@@ -83,7 +86,7 @@ class Trainer:
         for batch, counts in self._my_share(group):
             batch = batch.to(self.engine.device)
             with self.engine.autocast():
-                loss_sum, batch_sums = self.compute_loss(batch)
+                loss_sum, batch_sums = self.engine.forward(self.compute_loss, batch)
             if not torch.isfinite(loss_sum):
                 raise FloatingPointError(
                     f"non-finite loss ({loss_sum.item()}) at step {self.state['step']}: stopping before the "
@@ -116,7 +119,7 @@ class Trainer:
             for batch, counts in share:
                 batch = batch.to(self.engine.device)
                 with self.engine.autocast():
-                    loss_sum, batch_sums = self.compute_loss(batch)
+                    loss_sum, batch_sums = self.engine.forward(self.compute_loss, batch)
                 if counts:
                     loss_total += loss_sum.item()
                     weight += self.batch_weight(batch)
@@ -172,18 +175,29 @@ class Trainer:
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def save_model(self, output_dir) -> None:
-        """The trained model (and tokenizer) in Hugging Face format, written by the main process."""
+        """The trained model (and tokenizer) in Hugging Face format; every process calls it (ZeRO-3
+        gathers the shards), the main one writes."""
+        state = distributed.full_state_dict(self.engine) if self.engine.deepspeed is not None else None
         if distributed.is_main():
             Path(output_dir).mkdir(parents=True, exist_ok=True)
             with ckpt.quiet_transformers():
-                self.model.save_pretrained(output_dir, safe_serialization=True)
+                self.model.save_pretrained(output_dir, safe_serialization=True, state_dict=state)
                 if self.tokenizer is not None:
                     self.tokenizer.save_pretrained(output_dir)
+        distributed.barrier()
 
     def save_checkpoint(self) -> Path:
-        state = {"optimizer": self.engine.optimizer.state_dict(), "scheduler": self.engine.lr_scheduler.state_dict()}
-        path = ckpt.save_checkpoint(self.args.output_dir, self.state["step"], self.model, self.tokenizer, state,
-                                    self.args.save_total_limit)
+        ds = self.engine.deepspeed
+        if ds is None:
+            state, full, extra = {"optimizer": self.engine.optimizer.state_dict(),
+                                  "scheduler": self.engine.lr_scheduler.state_dict()}, None, None
+        else:  # DeepSpeed keeps the (sharded) optimizer and the schedule in its own checkpoint
+            state, full = {}, distributed.full_state_dict(self.engine)
+            extra = lambda tmp: ds.save_checkpoint(str(tmp / "deepspeed"), tag="state")  # noqa: E731
+        path = ckpt.save_checkpoint(
+            self.args.output_dir, self.state["step"], self.model, self.tokenizer, state, self.args.save_total_limit,
+            state_dict=full, write_extra=extra, main=distributed.is_main(), barrier=distributed.barrier,
+        )
         self.logger.write(f"saved {path}")
         return path
 
@@ -193,9 +207,14 @@ class Trainer:
         if path is None or not path.is_dir():
             raise FileNotFoundError(f"resume_from_checkpoint={target!r}: no checkpoint found (output_dir={self.args.output_dir})")
         state = ckpt.load_trainer_state(path)
-        ckpt.load_model_weights(self.model, path)
-        self.engine.optimizer.load_state_dict(state["optimizer"])
-        self.engine.lr_scheduler.load_state_dict(state["scheduler"])
+        if self.engine.deepspeed is None:
+            ckpt.load_model_weights(self.model, path)
+            self.engine.optimizer.load_state_dict(state["optimizer"])
+            self.engine.lr_scheduler.load_state_dict(state["scheduler"])
+        else:
+            if not (path / "deepspeed").is_dir():
+                raise FileNotFoundError(f"{path} was written without DeepSpeed; it has no DeepSpeed optimizer states")
+            self.engine.deepspeed.load_checkpoint(str(path / "deepspeed"), tag="state")
         ckpt.set_rng_state(state["rng"])
         self.state["step"] = state["step"]
         return state["step"]

@@ -28,6 +28,10 @@ from pathlib import Path
 
 import torch
 
+if not torch.cuda.is_available():
+    # DeepSpeed (imported by transformers when saving too) otherwise guesses, and warns, on CPU.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
 
 def world_size() -> int:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -66,8 +70,6 @@ def all_reduce_sum(values: list[float], device) -> list[float]:
 def import_deepspeed():
     """DeepSpeed, set up for this machine: its CPU accelerator when there is no CUDA, and without
     the shared-memory all-reduce op (used for inference only; it costs a 30 s compile on CPU)."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
     import deepspeed.ops
 

@@ -69,3 +69,8 @@ def test_two_processes_match_one(tmp_path, single, config):
             assert 0.45 <= r["held"] / r["total"] <= 0.55, r
     else:
         assert all(r["held"] == r["total"] for r in ranks)
+    # The frozen model gives the unsharded model's outputs, holds no gradients, and is sharded
+    # like the trained one under ZeRO-3 (a full replica otherwise).
+    for r in ranks:
+        assert r["frozen_diff"] < 1e-6 and not r["frozen_grad"]
+        assert (r["frozen_held"] < 0.6 * r["total"]) == (stage == 3), r

@@ -14,6 +14,7 @@ import torch
 torch.set_num_threads(1)
 
 from fastalign.algorithms import SFTConfig, SFTTrainer  # noqa: E402
+from fastalign.engine.distributed import wrap_for_inference  # noqa: E402
 from fastalign.models.tiny import char_tokenizer, tiny_model  # noqa: E402
 
 ROWS = [{"prompt": f"{a} {b}=", "completion": str(a * b)} for a in range(9) for b in range(7)]
@@ -29,9 +30,18 @@ def main(out, deepspeed, gas):
     held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
     total = sum(getattr(p, "ds_numel", p.numel()) for p in params)
     stage = trainer.engine.zero_stage
+    # A frozen model beside the trained one (a reference): sharded under ZeRO-3, else a replica.
+    ids = torch.tensor([[5, 17, 30, 4, 9]])
+    plain = tiny_model("llama", hidden_size=32, layers=2, heads=2, seed=7)
+    with torch.no_grad():
+        want = plain(ids).logits
+        frozen = wrap_for_inference(tiny_model("llama", hidden_size=32, layers=2, heads=2, seed=7), trainer.engine)
+        frozen_diff = float((frozen(ids).logits - want).abs().max())
+    frozen_held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in frozen.parameters())
     rank = int(os.environ.get("RANK", "0"))
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-        json.dump({"held": held, "total": total, "stage": stage, "world": trainer.world_size}, f)
+        json.dump({"held": held, "total": total, "stage": stage, "world": trainer.world_size,
+                   "frozen_diff": frozen_diff, "frozen_held": frozen_held, "frozen_grad": any(p.requires_grad for p in frozen.parameters())}, f)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()  # no destroy_process_group: gloo teardown can abort at exit
 

@@ -143,3 +143,14 @@ def test_neftune_noise_only_while_training(tmp_path):
     with torch.no_grad():
         noisy = [trainer.compute_loss(batch)[0].item() for _ in range(2)]
     assert clean[0] == clean[1] and noisy[0] != noisy[1] and clean[0] not in noisy
+
+
+def test_tensorboard_when_asked(tmp_path):
+    pytest.importorskip("tensorboard", reason="report_to tensorboard needs the tensorboard extra")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    make_trainer(tmp_path, max_steps=2, report_to="tensorboard").train()
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2]
+    assert losses(tmp_path / "run") == pytest.approx([e.value for e in events.Scalars("loss")], rel=1e-6)

@@ -59,3 +59,16 @@ def test_train_sft_from_a_config_file(tmp_path):
 def test_help_lists_the_algorithms():
     out = subprocess.run([sys.executable, "-m", "fastalign.cli", "--help"], capture_output=True, text=True, check=True)
     assert "Algorithms: sft" in out.stdout
+
+
+def test_shipped_deepspeed_presets_fill_in_from_the_config():
+    from fastalign.engine.distributed import deepspeed_config
+
+    for stage in (2, 3):
+        config = SFTConfig(deepspeed=str(ROOT / "configs" / f"deepspeed_zero{stage}.json"), gradient_accumulation_steps=4,
+                           max_grad_norm=0.5, bf16=True)
+        ds = deepspeed_config(config)
+        assert ds["zero_optimization"]["stage"] == stage and ds["gradient_accumulation_steps"] == 4
+        assert ds["gradient_clipping"] == 0.5 and ds["bf16"] == {"enabled": True} and ds["train_micro_batch_size_per_gpu"] == 1
+    with pytest.raises(ValueError, match="unknown short keys"):
+        deepspeed_config(SFTConfig(deepspeed={"stag": 3}))

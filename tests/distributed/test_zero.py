@@ -22,10 +22,12 @@ WORKER = Path(__file__).with_name("zero_worker.py")
 pytest.importorskip("deepspeed", reason="needs deepspeed")
 
 
-def launch(out: Path, config, gas: int, nproc: int) -> subprocess.CompletedProcess:
-    out.mkdir(parents=True)
+def launch(out: Path, config, gas: int, nproc: int, resume=None, neftune=0.0) -> subprocess.CompletedProcess:
+    out.mkdir(parents=True, exist_ok=resume is not None)
+    for stale in out.glob("rank*.json"):
+        stale.unlink()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(WORKER),
-           str(out), json.dumps(config) if config else "none", str(gas)]
+           str(out), json.dumps(config) if config else "none", str(gas), str(resume or "none"), str(neftune)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     missing = [r for r in range(nproc) if not (out / f"rank{r}.json").exists()]
@@ -74,3 +76,18 @@ def test_two_processes_match_one(tmp_path, single, config):
     for r in ranks:
         assert r["frozen_diff"] < 1e-6 and not r["frozen_grad"]
         assert (r["frozen_held"] < 0.6 * r["total"]) == (stage == 3), r
+
+
+def test_zero3_resumes_exactly_from_a_checkpoint(tmp_path):
+    """A ZeRO-3 run resumed from its step-2 checkpoint repeats steps 3-5 of the whole run (the
+    sharded optimizer states, schedule and each process's RNG for NEFTune noise come back)."""
+    config = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+    out = tmp_path / "run"
+    launch(out, config, gas=1, nproc=2, neftune=5.0)
+    whole = losses(out)
+    assert (out / "checkpoint-2" / "deepspeed").is_dir() and (out / "checkpoint-2" / "rng_rank1.pt").exists()
+    launch(out, config, gas=1, nproc=2, resume=out / "checkpoint-2", neftune=5.0)
+    assert json.loads((out / "rank1.json").read_text())["steps_run"] == 3  # steps 3-5 only
+    records = [r for r in read_metrics(out) if "loss" in r]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    assert [r["loss"] for r in records] == pytest.approx(whole, abs=1e-6)

@@ -140,7 +140,7 @@ def initialize_training(engine, config):
     """The DeepSpeed engine for the trained model, with fastalign's optimizer and schedule."""
     init_distributed()
     deepspeed = import_deepspeed()
-    ds_engine, optimizer, _, scheduler = deepspeed.initialize(
+    ds_engine, *_ = deepspeed.initialize(
         model=LossModule(engine.model), optimizer=engine.optimizer, lr_scheduler=engine.lr_scheduler,
         config=deepspeed_config(config),
     )

@@ -41,9 +41,7 @@ class SFTTrainer(Trainer):
             raise ValueError("SFTTrainer needs a train_dataset")
         if isinstance(model, str):
             tokenizer = tokenizer or load_tokenizer(model)
-            model, report = load_model(model)
-        else:
-            model, report = load_model(model)
+        model, report = load_model(model)
         if tokenizer is None:
             raise ValueError("pass the tokenizer (a model object does not carry one)")
         if peft_config is not None:

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import distributed
+
 STATE_FILE = "trainer_state.pt"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
@@ -75,14 +77,24 @@ def _fsync_tree(folder: Path) -> None:
                 os.fsync(f.fileno())
 
 
+def save_hf(folder, model, tokenizer, state_dict=None) -> None:
+    """The model (safetensors) and tokenizer in Hugging Face format, without transformers' bars."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    with quiet_transformers():
+        model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+
+
 def save_checkpoint(output_dir, step: int, model, tokenizer, trainer_state: dict, save_total_limit=None,
-                    state_dict=None, write_extra=None, main: bool = True, barrier=lambda: None) -> Path:
+                    state_dict=None, write_extra=None) -> Path:
     """Write ``checkpoint-{step}`` atomically; returns its path.
 
     With several processes every one calls this: the main one writes the model (``state_dict``,
     gathered beforehand under ZeRO-3) and renames the folder into place; ``write_extra(tmp)``
     (DeepSpeed's sharded optimizer states) and each process's RNG state are written by all.
     """
+    main = distributed.is_main()
     root = Path(output_dir)
     final = root / f"checkpoint-{step}"
     tmp = root / f".tmp-checkpoint-{step}"
@@ -91,19 +103,15 @@ def save_checkpoint(output_dir, step: int, model, tokenizer, trainer_state: dict
         for stale in root.glob(".tmp-checkpoint-*"):  # left by a run killed mid-save
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
-    barrier()
+    distributed.barrier()
     try:
         if main:
-            with quiet_transformers():
-                model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
-                if tokenizer is not None:
-                    tokenizer.save_pretrained(tmp)
+            save_hf(tmp, model, tokenizer, state_dict)
             torch.save({**trainer_state, "step": step}, tmp / STATE_FILE)
         if write_extra is not None:
             write_extra(tmp)
-        rank = int(os.environ.get("RANK", "0"))
-        torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
-        barrier()
+        torch.save(rng_state(), tmp / f"rng_rank{distributed.rank()}.pt")
+        distributed.barrier()
         if main:
             (tmp / "trainer_state.json").write_text(json.dumps({"step": step}, indent=1))
             _fsync_tree(tmp)
@@ -122,7 +130,7 @@ def save_checkpoint(output_dir, step: int, model, tokenizer, trainer_state: dict
         if save_total_limit:
             for stale in checkpoints(root)[:-save_total_limit]:
                 shutil.rmtree(stale)
-    barrier()
+    distributed.barrier()
     return final
 
 
@@ -153,9 +161,9 @@ def load_trainer_state(checkpoint: Path) -> dict:
     """The step, optimizer and schedule states, and this process's RNG state (under ``"rng"``)."""
     checkpoint = Path(checkpoint)
     state = torch.load(checkpoint / STATE_FILE, weights_only=False)
-    rank = int(os.environ.get("RANK", "0"))
-    rng = checkpoint / f"rng_rank{rank}.pt"
+    rng = checkpoint / f"rng_rank{distributed.rank()}.pt"
     if not rng.exists():
-        raise FileNotFoundError(f"{checkpoint} has no RNG state for process {rank}: was it written by fewer processes?")
+        raise FileNotFoundError(f"{checkpoint} has no RNG state for process {distributed.rank()}: "
+                                "was it written by fewer processes?")
     state["rng"] = torch.load(rng, weights_only=False)
     return state

@@ -63,7 +63,7 @@ class Engine:
         self.config = config
         distributed.init_distributed()
         self.device = default_device()
-        self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        self.world_size = distributed.world_size()
         if config.bf16 and not bf16_supported(self.device):
             raise ValueError(f"bf16=True but {self.device} does not support bfloat16")
         if config.gradient_checkpointing:

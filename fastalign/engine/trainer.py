@@ -38,7 +38,6 @@ class Trainer:
             raise ValueError("the training set is empty (after tokenization and truncation)")
         self.args = args
         self.tokenizer = tokenizer
-        set_seed(args.seed)
         self.train_batches = self.make_batches(train_units)
         self.eval_batches = self.make_batches(eval_units) if eval_units else []
         self.world_size = distributed.world_size()
@@ -47,7 +46,7 @@ class Trainer:
         self.num_training_steps = args.max_steps if args.max_steps > 0 else args.num_train_epochs * self.steps_per_epoch
         self.engine = Engine(model, args, self.num_training_steps, *optimizers)
         self.model = model
-        self.state = {"step": 0}
+        self.global_step = 0  # optimizer steps done
         self.logger = None
 
     # ---- what an algorithm supplies -------------------------------------------------------------
@@ -69,41 +68,54 @@ class Trainer:
             order = torch.randperm(len(order), generator=torch.Generator().manual_seed(self.args.seed + epoch)).tolist()
         return [self.train_batches[i] for i in order[k * self.group_size:(k + 1) * self.group_size]]
 
-    def _my_share(self, group: list[PackedBatch]) -> list[tuple[PackedBatch, bool]]:
-        """This process's micro-batches of a step, each with whether it counts (weight-0 filler)."""
-        # DeepSpeed counts micro-batches to find the step boundary: every process runs exactly
-        # gradient_accumulation_steps of them.
-        size = self.group_size if self.engine.deepspeed is not None else len(group)
-        padded = group + [None] * (size - len(group))
+    def _my_share(self, batches: list[PackedBatch], size: int) -> list[tuple[PackedBatch, bool]]:
+        """This process's part of ``batches`` padded to ``size`` (a multiple of the world size),
+        each with whether it counts: the padding is a weight-0 copy, so every process runs as
+        many forwards as the others."""
+        padded = batches + [None] * (size - len(batches))
         mine = padded[distributed.rank()::self.world_size]
-        return [(b, True) if b is not None else (group[0], False) for b in mine]
+        return [(b, True) if b is not None else (batches[0], False) for b in mine]
+
+    def _pass(self, share, total_weight: float | None = None) -> dict:
+        """Forward every micro-batch of ``share`` (and, given the step's ``total_weight``, backward
+        its share of the step); the counted sums over all processes: ``_loss``, ``_weight``,
+        ``_tokens``, ``_real_tokens`` and the algorithm's own sums."""
+        totals = {"_loss": 0.0, "_weight": 0.0, "_tokens": 0.0, "_real_tokens": 0.0}
+        for batch, counts in share:
+            batch = batch.to(self.engine.device)
+            with self.engine.autocast():
+                loss_sum, batch_sums = self.engine.forward(self.compute_loss, batch)
+            if total_weight is not None:
+                if not torch.isfinite(loss_sum):
+                    raise FloatingPointError(
+                        f"non-finite loss ({loss_sum.item()}) at step {self.global_step}: stopping before the "
+                        "weights are touched (lower the learning rate, check the data, or try fp32)"
+                    )
+                self.engine.backward(loss_sum * (1.0 / total_weight if counts else 0.0))
+            if counts:
+                totals["_loss"] += loss_sum.item()
+                totals["_weight"] += self.batch_weight(batch)
+                totals["_tokens"] += batch.num_tokens
+                totals["_real_tokens"] += int(batch.cu_seqlens[-1])
+                for key, value in batch_sums.items():
+                    totals[key] = totals.get(key, 0.0) + float(value)
+        keys = sorted(totals)
+        return dict(zip(keys, distributed.all_reduce_sum([totals[k] for k in keys], self.engine.device)))
 
     def _run_step(self, group: list[PackedBatch]) -> dict:
         total_weight = sum(self.batch_weight(b) for b in group)
         if total_weight <= 0:
-            raise ValueError(f"step {self.state['step']}: its micro-batches carry no loss (weight 0)")
-        loss_total, sums, tokens, real = 0.0, {}, 0, 0
-        for batch, counts in self._my_share(group):
-            batch = batch.to(self.engine.device)
-            with self.engine.autocast():
-                loss_sum, batch_sums = self.engine.forward(self.compute_loss, batch)
-            if not torch.isfinite(loss_sum):
-                raise FloatingPointError(
-                    f"non-finite loss ({loss_sum.item()}) at step {self.state['step']}: stopping before the "
-                    "weights are touched (lower the learning rate, check the data, or try fp32)"
-                )
-            self.engine.backward(loss_sum * (1.0 / total_weight if counts else 0.0))
-            if counts:
-                loss_total += loss_sum.item()
-                tokens += batch.num_tokens
-                real += int(batch.cu_seqlens[-1])
-                for key, value in batch_sums.items():
-                    sums[key] = sums.get(key, 0.0) + float(value)
-        keys = sorted(sums)
-        reduced = distributed.all_reduce_sum([loss_total, tokens, real] + [sums[k] for k in keys], self.engine.device)
+            raise ValueError(f"step {self.global_step}: its micro-batches carry no loss (weight 0)")
+        # DeepSpeed counts micro-batches to find the step boundary: every process runs exactly
+        # gradient_accumulation_steps of them.
+        size = self.group_size if self.engine.deepspeed is not None else len(group)
+        sums = self._pass(self._my_share(group, size), total_weight)
+        tokens = sums.pop("_tokens")
         # Pad tokens over all tokens computed: 0 by construction for packed batches.
-        metrics = {"loss": reduced[0] / total_weight, "num_tokens": reduced[1], "padding_fraction": 1 - reduced[2] / reduced[1]}
-        metrics.update({k: v / total_weight for k, v in zip(keys, reduced[3:])})
+        metrics = {"loss": sums.pop("_loss") / total_weight, "num_tokens": tokens,
+                   "padding_fraction": 1 - sums.pop("_real_tokens") / tokens}
+        del sums["_weight"]
+        metrics.update({k: v / total_weight for k, v in sums.items()})
         return metrics
 
     def evaluate(self) -> dict:
@@ -112,24 +124,15 @@ class Trainer:
             return {}
         was_training = self.model.training
         self.model.eval()
-        n = len(self.eval_batches)
-        share = [(self.eval_batches[i % n], i < n) for i in range(distributed.rank(), math.ceil(n / self.world_size) * self.world_size, self.world_size)]
-        loss_total, weight, sums = 0.0, 0.0, {}
+        size = math.ceil(len(self.eval_batches) / self.world_size) * self.world_size
         with torch.no_grad():
-            for batch, counts in share:
-                batch = batch.to(self.engine.device)
-                with self.engine.autocast():
-                    loss_sum, batch_sums = self.engine.forward(self.compute_loss, batch)
-                if counts:
-                    loss_total += loss_sum.item()
-                    weight += self.batch_weight(batch)
-                    for key, value in batch_sums.items():
-                        sums[key] = sums.get(key, 0.0) + float(value)
+            sums = self._pass(self._my_share(self.eval_batches, size))
         self.model.train(was_training)
-        keys = sorted(sums)
-        reduced = distributed.all_reduce_sum([loss_total, weight] + [sums[k] for k in keys], self.engine.device)
-        out = {"eval/loss": reduced[0] / reduced[1]}
-        out.update({f"eval/{k}": v / reduced[1] for k, v in zip(keys, reduced[2:])})
+        weight = sums.pop("_weight")
+        for key in ("_tokens", "_real_tokens"):
+            del sums[key]
+        out = {"eval/loss": sums.pop("_loss") / weight}
+        out.update({f"eval/{k}": v / weight for k, v in sums.items()})
         return out
 
     def train(self) -> dict:
@@ -144,7 +147,7 @@ class Trainer:
         window, began, losses = [], time.perf_counter(), []
         try:
             for step in range(start, self.num_training_steps):
-                self.state["step"] = step
+                self.global_step = step
                 t0 = time.perf_counter()
                 lr = self.engine.lr
                 metrics = self._run_step(self.step_batches(step))
@@ -152,7 +155,7 @@ class Trainer:
                 seconds = time.perf_counter() - t0
                 metrics.update(lr=lr, epoch=(step + 1) / self.steps_per_epoch, seconds_per_step=seconds,
                                tokens_per_s=metrics["num_tokens"] / seconds)
-                self.state["step"] = done = step + 1
+                self.global_step = done = step + 1
                 losses.append(metrics["loss"])
                 window.append(metrics)
                 if done % args.logging_steps == 0 or done == self.num_training_steps:
@@ -179,11 +182,7 @@ class Trainer:
         gathers the shards), the main one writes."""
         state = distributed.full_state_dict(self.engine) if self.engine.deepspeed is not None else None
         if distributed.is_main():
-            Path(output_dir).mkdir(parents=True, exist_ok=True)
-            with ckpt.quiet_transformers():
-                self.model.save_pretrained(output_dir, safe_serialization=True, state_dict=state)
-                if self.tokenizer is not None:
-                    self.tokenizer.save_pretrained(output_dir)
+            ckpt.save_hf(output_dir, self.model, self.tokenizer, state)
         distributed.barrier()
 
     def save_checkpoint(self) -> Path:
@@ -195,8 +194,8 @@ class Trainer:
             state, full = {}, distributed.full_state_dict(self.engine)
             extra = lambda tmp: ds.save_checkpoint(str(tmp / "deepspeed"), tag="state")  # noqa: E731
         path = ckpt.save_checkpoint(
-            self.args.output_dir, self.state["step"], self.model, self.tokenizer, state, self.args.save_total_limit,
-            state_dict=full, write_extra=extra, main=distributed.is_main(), barrier=distributed.barrier,
+            self.args.output_dir, self.global_step, self.model, self.tokenizer, state, self.args.save_total_limit,
+            state_dict=full, write_extra=extra,
         )
         self.logger.write(f"saved {path}")
         return path
@@ -216,7 +215,7 @@ class Trainer:
                 raise FileNotFoundError(f"{path} was written without DeepSpeed; it has no DeepSpeed optimizer states")
             self.engine.deepspeed.load_checkpoint(str(path / "deepspeed"), tag="state")
         ckpt.set_rng_state(state["rng"])
-        self.state["step"] = state["step"]
+        self.global_step = state["step"]
         return state["step"]
 
 

@@ -25,6 +25,8 @@ import yaml
 RUN_KEYS = {
     "model_name_or_path": "a hub name, a local path, or a built-in (fastalign/tiny-llama, fastalign/tiny-qwen2)",
     "tokenizer_name_or_path": "defaults to the model's",
+    "ref_model_name_or_path": "dpo: a separate reference model (default: a frozen copy, or the model with its "
+                              "adapters disabled under use_peft)",
     "dtype": "float32, bfloat16, float16 or auto (the checkpoint's)",
     "trust_remote_code": "run code shipped with the model (off by default)",
     "dataset_name": "a hub name, a data file (.json/.jsonl/.parquet/.csv, .gz ok) or a folder",
@@ -41,13 +43,20 @@ RUN_KEYS = {
 
 def algorithms() -> dict:
     """Algorithm name -> (Config class, Trainer class)."""
-    from fastalign.algorithms import SFTConfig, SFTTrainer
+    from fastalign.algorithms import (
+        DPOConfig,
+        DPOTrainer,
+        RewardConfig,
+        RewardTrainer,
+        SFTConfig,
+        SFTTrainer,
+    )
 
-    return {"sft": (SFTConfig, SFTTrainer)}
+    return {"sft": (SFTConfig, SFTTrainer), "reward": (RewardConfig, RewardTrainer), "dpo": (DPOConfig, DPOTrainer)}
 
 
 # Run keys whose values are names and paths, kept as written.
-_TEXT_RUN_KEYS = {"model_name_or_path", "tokenizer_name_or_path", "dtype", "dataset_name", "dataset_config",
+_TEXT_RUN_KEYS = {"model_name_or_path", "tokenizer_name_or_path", "ref_model_name_or_path", "dtype", "dataset_name", "dataset_config",
                   "dataset_train_split", "dataset_test_split"}
 
 
@@ -112,7 +121,7 @@ def load_config_file(path) -> dict:
     return values
 
 
-def peft_config(run: dict):
+def peft_config(run: dict, task_type: str = "CAUSAL_LM"):
     if not run.get("use_peft"):
         return None
     from peft import LoraConfig
@@ -120,13 +129,13 @@ def peft_config(run: dict):
     return LoraConfig(
         r=int(run.get("lora_r", 16)), lora_alpha=int(run.get("lora_alpha", 32)),
         lora_dropout=float(run.get("lora_dropout", 0.05)), target_modules=run.get("lora_target_modules"),
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
 
 
 def train(algo: str, config_path: str | None, overrides: list[str]) -> dict:
     from fastalign.data import load_rows
-    from fastalign.models import load_model, load_tokenizer
+    from fastalign.models import load_model, load_reward_model, load_tokenizer
 
     config_class, trainer_class = algorithms()[algo]
     values = load_config_file(config_path) if config_path else {}
@@ -136,14 +145,21 @@ def train(algo: str, config_path: str | None, overrides: list[str]) -> dict:
         raise SystemExit("fastalign: the config needs model_name_or_path and dataset_name")
     name = run["model_name_or_path"]
     tokenizer = load_tokenizer(run.get("tokenizer_name_or_path", name))
-    model, report = load_model(name, dtype=run.get("dtype"), trust_remote_code=bool(run.get("trust_remote_code")))
+    loader = load_reward_model if algo == "reward" else load_model
+    model_kwargs = dict(dtype=run.get("dtype"), trust_remote_code=bool(run.get("trust_remote_code")))
+    model, report = loader(name, **model_kwargs)
     print(f"fastalign: {name}: attention {report}", file=sys.stderr)
+    extra = {}
+    if run.get("ref_model_name_or_path"):
+        if algo != "dpo":
+            raise SystemExit(f"fastalign: ref_model_name_or_path is for dpo, not {algo}")
+        extra["ref_model"] = load_model(run["ref_model_name_or_path"], **model_kwargs)[0]
     source = run["dataset_name"]
     train_rows = load_rows(source, run.get("dataset_train_split", "train"), run.get("dataset_config"))
     test_split = run.get("dataset_test_split")
     eval_rows = load_rows(source, test_split, run.get("dataset_config")) if test_split else None
     trainer = trainer_class(model, args=config, train_dataset=train_rows, eval_dataset=eval_rows, tokenizer=tokenizer,
-                            peft_config=peft_config(run))
+                            peft_config=peft_config(run, "SEQ_CLS" if algo == "reward" else "CAUSAL_LM"), **extra)
     for split, rep in trainer.reports.items():
         print(f"fastalign: {split} data: {rep}", file=sys.stderr)
     result = trainer.train()

@@ -127,7 +127,11 @@ def pack(units: list[list[Sequence]], extras: dict[str, list[float]] | None = No
     return batch
 
 
-def pack_all(units: list[list[Sequence]], max_tokens: int) -> list[PackedBatch]:
-    """Plan and pack every unit: the batches of an epoch, in plan order."""
+def pack_all(units: list[list[Sequence]], max_tokens: int,
+             extras: dict[str, list[list[float]]] | None = None) -> list[PackedBatch]:
+    """Plan and pack every unit: the batches of an epoch, in plan order. ``extras`` maps a name
+    to one list per unit of one value per sequence (a pair's ``[chosen, rejected]`` margins)."""
     plan = plan_batches([sum(len(s.input_ids) for s in u) for u in units], max_tokens)
-    return [pack([units[i] for i in batch]) for batch in plan]
+    extras = extras or {}
+    return [pack([units[i] for i in batch], {k: [x for i in batch for x in v[i]] for k, v in extras.items()})
+            for batch in plan]

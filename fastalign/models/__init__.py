@@ -1,8 +1,25 @@
-"""Models: Hugging Face causal LMs run packed, with fused heads."""
+"""Models: Hugging Face causal LMs and reward models run packed, with fused heads."""
 
-from .loading import BUILTIN, attention_backend, load_model, load_tokenizer
-from .packed import body, lm_head, packed_hidden, packed_logprobs
+from .loading import (
+    BUILTIN,
+    as_reward_model,
+    attention_backend,
+    load_model,
+    load_reward_model,
+    load_tokenizer,
+)
+from .packed import (
+    body,
+    gathered,
+    lm_head,
+    packed_hidden,
+    packed_logprobs,
+    packed_scores,
+    score_head,
+    sequence_logprobs,
+)
 
 __all__ = [
     "BUILTIN", "attention_backend", "body", "lm_head", "load_model", "load_tokenizer", "packed_hidden", "packed_logprobs",
+    "as_reward_model", "load_reward_model", "gathered", "packed_scores", "score_head", "sequence_logprobs",
 ]

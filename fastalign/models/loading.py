@@ -74,3 +74,32 @@ def load_model(model, *, dtype=None, trust_remote_code: bool = False, device=Non
     else:
         loaded = AutoModelForSequenceClassification.from_pretrained(model, num_labels=num_labels, **kwargs)
     return loaded, f"{impl} ({why})"
+
+
+def as_reward_model(causal_lm):
+    """A one-label sequence classifier with ``causal_lm``'s body and config and a fresh scalar head
+    (initialised as the architecture initialises it)."""
+    from transformers import AutoModelForSequenceClassification
+
+    config = causal_lm.config.__class__.from_dict(causal_lm.config.to_dict())
+    config.num_labels = 1
+    config._attn_implementation = causal_lm.config._attn_implementation
+    reward = AutoModelForSequenceClassification.from_config(config)
+    reward.base_model.load_state_dict(causal_lm.base_model.state_dict())
+    return reward.to(next(causal_lm.parameters()).dtype)
+
+
+def load_reward_model(model, *, dtype=None, trust_remote_code: bool = False, device=None, attn_implementation=None):
+    """A reward model: a sequence classifier with one label, from a name, path or object. A causal
+    LM (a built-in, or an object) keeps its body and gets a fresh scalar head; a hub name is loaded
+    with ``AutoModelForSequenceClassification`` (which adds the head when the checkpoint has none).
+    Returns ``(model, attention_report)``."""
+    if isinstance(model, str) and model not in BUILTIN:
+        return load_model(model, dtype=dtype, trust_remote_code=trust_remote_code, device=device,
+                          attn_implementation=attn_implementation, num_labels=1)
+    model, report = load_model(model, dtype=dtype, device=device, attn_implementation=attn_implementation)
+    if model.get_output_embeddings() is not None:  # a causal LM: swap its head for a scalar one
+        model = as_reward_model(model)
+    if getattr(model.config, "num_labels", 1) != 1:
+        raise ValueError(f"a reward model has one label; {type(model).__name__} has {model.config.num_labels}")
+    return model, report

@@ -3,10 +3,13 @@
 The body runs on the whole row with ``position_ids`` restarting per sequence, no attention mask
 and no cache: that is what makes transformers' sdpa and flash attention keep packed sequences
 apart (with a cache, or a mask, sequences would silently attend to each other). The lm_head then
-runs only at loss positions, through the fused ``linear_logprobs``.
+runs only at loss positions, through the fused ``linear_logprobs``; a sequence classifier's
+scalar head runs only at each sequence's last token.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -47,6 +50,17 @@ def packed_hidden(model, batch: PackedBatch) -> torch.Tensor:
     return out.last_hidden_state[0]
 
 
+def gathered(*params):
+    """Context in which ZeRO-3-sharded ``params`` are whole (a no-op for ordinary tensors). The
+    fused heads read weights directly, outside the module call where DeepSpeed would gather them."""
+    sharded = [p for p in params if p is not None and getattr(getattr(p, "ds_status", None), "name", "") == "NOT_AVAILABLE"]
+    if not sharded:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(sharded, modifier_rank=None)
+
+
 def packed_logprobs(model, batch: PackedBatch, temperature: float = 1.0) -> torch.Tensor:
     """fp32 log-prob of each token's label ``[N]``, 0 where no loss is taken.
 
@@ -55,5 +69,36 @@ def packed_logprobs(model, batch: PackedBatch, temperature: float = 1.0) -> torc
     hidden = packed_hidden(model, batch)
     weight, bias = lm_head(model)
     pos = (batch.labels != IGNORE_INDEX).nonzero()[:, 0]
-    logp = linear_logprobs(hidden[pos], weight, batch.labels[pos], bias, temperature=temperature)
+    with gathered(weight, bias):
+        logp = linear_logprobs(hidden[pos], weight, batch.labels[pos], bias, temperature=temperature)
     return torch.zeros(batch.num_tokens, dtype=torch.float32, device=hidden.device).index_put((pos,), logp)
+
+
+def sequence_logprobs(model, batch: PackedBatch, average: bool = False) -> torch.Tensor:
+    """fp32 ``[S]``: each sequence's summed (or, ``average``, mean) log-prob of its loss tokens."""
+    logp = packed_logprobs(model, batch)
+    out = torch.zeros(batch.num_sequences, dtype=torch.float32, device=logp.device).index_add(0, batch.seq_index, logp)
+    if average:
+        counts = torch.bincount(batch.seq_index[batch.labels != IGNORE_INDEX], minlength=batch.num_sequences)
+        out = out / counts.clamp(min=1)
+    return out
+
+
+SCORE_HEADS = ("score", "classifier", "v_head")
+
+
+def score_head(model) -> torch.nn.Module:
+    """The scalar head of a sequence classifier (``score`` for Llama-style models)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for name in SCORE_HEADS:
+        head = getattr(inner, name, None)
+        if isinstance(head, torch.nn.Module):
+            return head
+    raise TypeError(f"{type(inner).__name__} has no scalar head (looked for {', '.join(SCORE_HEADS)})")
+
+
+def packed_scores(model, batch: PackedBatch) -> torch.Tensor:
+    """fp32 ``[S]``: the scalar head at each sequence's last token (its reward score)."""
+    hidden = packed_hidden(model, batch)
+    last = (batch.cu_seqlens[1:] - 1).long().to(hidden.device)
+    return score_head(model)(hidden[last]).float()[:, 0]

@@ -1,0 +1,182 @@
+"""Direct preference optimisation and its family on the packed core (Rafailov et al., "Direct
+Preference Optimization: Your Language Model is Secretly a Reward Model", 2023).
+
+Both halves of every pair of a micro-batch run in one padding-free forward pass; the loss goes
+straight from the hidden states to ``fused_preference_loss`` (the lm_head runs only at completion
+tokens, and a ``[tokens, vocab]`` logits tensor never exists). ``loss_type`` picks the loss: every
+type of ``fastalign.kernels.preference`` (sigmoid, hinge, ipo, kto_pair, robust, ...).
+
+The reference log-probs come, in this order, from:
+
+- none, with ``reference_free=True`` (every reference log-prob is 0);
+- ``precompute_ref_log_probs=True``: one pass over the train and eval sets before training (after
+  DeepSpeed is set up, so it also runs under ZeRO-3), by the reference below; the reference is then
+  dropped from memory;
+- ``ref_model``, a separate frozen model (under ZeRO-3, sharded like the trained one);
+- with PEFT and no ``ref_model``: the trained model with its adapters disabled (or, given
+  ``ref_adapter_name``, with that adapter active): no second copy in memory;
+- otherwise a frozen copy of the model as it is before training.
+
+Sequence log-probs are sums over completion tokens, or means with ``average_log_prob`` (on by
+default for ``ipo``, as in TRL 0.7.10). Logged, with TRL's names: ``rewards/chosen``,
+``rewards/rejected``, ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``,
+``logps/rejected`` (means over pairs), besides loss, tokens/s and peak memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from fastalign.engine import TrainingConfig, distributed
+from fastalign.kernels import LOSS_TYPES, fused_preference_loss
+from fastalign.models import lm_head, load_model, packed_hidden, sequence_logprobs
+
+from .pairs import PairTrainer, tokenizer_for
+
+
+@dataclass
+class DPOConfig(TrainingConfig):
+    learning_rate: float = 1e-6
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    reference_free: bool = False
+    precompute_ref_log_probs: bool = False
+    average_log_prob: bool | None = None  # None: on for ipo only
+    max_length: int | None = 512
+    max_prompt_length: int | None = 128
+    truncation_mode: str = "keep_end"
+    drop_bad_pairs: bool = False  # False: a pair with chosen == rejected is an error naming the row
+    disable_dropout: bool = True
+    model_adapter_name: str | None = None
+    ref_adapter_name: str | None = None
+    discopop_tau: float = 0.05
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}; got {self.loss_type!r}")
+        if not self.beta > 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}")
+        if self.average_log_prob is None:
+            self.average_log_prob = self.loss_type == "ipo"
+
+
+def disable_dropout(model) -> None:
+    """Dropout off everywhere (module dropouts and attention dropout rates)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
+class DPOTrainer(PairTrainer):
+    def __init__(self, model, ref_model=None, args: DPOConfig | None = None, train_dataset=None, eval_dataset=None,
+                 tokenizer=None, peft_config=None, optimizers=(None, None)):
+        args = args or DPOConfig()
+        tokenizer = tokenizer_for(model, tokenizer)
+        model, self.attention = load_model(model)
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_config)
+        self.is_peft = hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+        if ref_model is not None:
+            ref_model, _ = load_model(ref_model)
+        elif not args.reference_free and not self.is_peft and not args.precompute_ref_log_probs:
+            ref_model = copy.deepcopy(model)  # the model as it is before training
+        if args.disable_dropout:
+            for m in (model, ref_model):
+                if m is not None:
+                    disable_dropout(m)
+        train, evals = self._datasets(args, train_dataset, eval_dataset, tokenizer)
+        super().__init__(model, args, train, evals, tokenizer, optimizers)
+        self.ref_model = None
+        if ref_model is not None and not args.reference_free:
+            self.ref_model = distributed.wrap_for_inference(ref_model, self.engine)
+        if args.precompute_ref_log_probs and not args.reference_free:
+            self._precompute(self.train_batches, "train")
+            self._precompute(self.eval_batches, "eval")
+            self.ref_model = None  # every batch carries its reference log-probs now
+
+    # ---- the reference ------------------------------------------------------------------------
+    def _reference_context(self):
+        """Where the trained model acts as the reference: adapters off, or the reference adapter."""
+        if self.ref_model is not None or not self.is_peft:
+            return contextlib.nullcontext()
+        if self.args.ref_adapter_name:
+            return _adapter(self.model, self.args.ref_adapter_name, self.args.model_adapter_name or "default")
+        return self.model.disable_adapter()
+
+    def reference_logps(self, batch) -> torch.Tensor:
+        """fp32 ``[S]``: the reference's log-prob of each sequence of ``batch`` (sum or mean)."""
+        if "ref_logps" in batch.extras:
+            return batch.extras["ref_logps"]
+        model = self.ref_model if self.ref_model is not None else self.model
+        with torch.no_grad(), self._reference_context():
+            was = model.training
+            model.eval()
+            out = sequence_logprobs(model, batch, average=self.args.average_log_prob)
+            model.train(was)
+        return out
+
+    def _precompute(self, batches, name) -> None:
+        """Every batch's reference log-probs, in one pass shared out over the processes (each
+        computes its share, then one all-reduce gives everyone all of them)."""
+        if not batches:
+            return
+        world, rank = self.world_size, distributed.rank()
+        offsets = [0]
+        for b in batches:
+            offsets.append(offsets[-1] + b.num_sequences)
+        flat = [0.0] * offsets[-1]
+        size = math.ceil(len(batches) / world) * world
+        show = distributed.is_main() and not self.args.disable_tqdm
+        for k in tqdm(range(rank, size, world), desc=f"reference log-probs ({name})", disable=not show):
+            batch = batches[k] if k < len(batches) else batches[0]  # every process runs as many forwards
+            with torch.no_grad(), self.engine.autocast():
+                logps = self.engine.forward(self.reference_logps, batch.to(self.engine.device))
+            if k < len(batches):
+                flat[offsets[k]:offsets[k + 1]] = logps.tolist()
+        flat = distributed.all_reduce_sum(flat, self.engine.device)
+        for k, b in enumerate(batches):
+            b.extras["ref_logps"] = torch.tensor(flat[offsets[k]:offsets[k + 1]], dtype=torch.float32)
+
+    # ---- the loss ------------------------------------------------------------------------------
+    def compute_loss(self, batch):
+        args = self.args
+        ref_c = ref_r = None
+        if not args.reference_free:
+            ref = self.reference_logps(batch)
+            ref_c, ref_r = ref[batch.chosen], ref[batch.rejected]
+        hidden = packed_hidden(self.model, batch)
+        weight, bias = lm_head(self.model)
+        out = fused_preference_loss(
+            hidden, weight, batch.labels, batch.chosen, batch.rejected, ref_c, ref_r,
+            cu_seqlens=batch.cu_seqlens, bias=bias, beta=args.beta, loss_type=args.loss_type,
+            label_smoothing=args.label_smoothing, reference_free=args.reference_free,
+            average_log_prob=args.average_log_prob, **({"discopop_tau": args.discopop_tau} if args.loss_type == "discopop" else {}),
+        )
+        c, r = out.chosen_rewards, out.rejected_rewards
+        return out.loss * batch.chosen.numel(), {
+            "rewards/chosen": c.sum(), "rewards/rejected": r.sum(), "rewards/accuracies": (c > r).sum(),
+            "rewards/margins": (c - r).sum(), "logps/chosen": out.chosen_logps.sum(),
+            "logps/rejected": out.rejected_logps.sum(),
+        }
+
+
+@contextlib.contextmanager
+def _adapter(model, name, back):
+    """The PEFT model with adapter ``name`` active, then ``back`` again."""
+    model.set_adapter(name)
+    try:
+        yield
+    finally:
+        model.set_adapter(back)

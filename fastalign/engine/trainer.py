@@ -154,7 +154,7 @@ class Trainer:
                 metrics["grad_norm"] = self.engine.step()
                 seconds = time.perf_counter() - t0
                 metrics.update(lr=lr, epoch=(step + 1) / self.steps_per_epoch, seconds_per_step=seconds,
-                               tokens_per_s=metrics["num_tokens"] / seconds)
+                               tokens_per_s=metrics["num_tokens"] / seconds, peak_memory_gb=peak_memory_gb(self.engine.device))
                 self.global_step = done = step + 1
                 losses.append(metrics["loss"])
                 window.append(metrics)
@@ -219,7 +219,16 @@ class Trainer:
         return state["step"]
 
 
+def peak_memory_gb(device) -> float:
+    """The run's peak memory so far: allocated on a GPU, the process's resident set on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
+
+
 def _mean(records: list[dict]) -> dict:
     """Metrics over a logging window: means, except the position in the run (last value)."""
-    last = ("lr", "epoch")
+    last = ("lr", "epoch", "peak_memory_gb")
     return {k: records[-1][k] if k in last else sum(r[k] for r in records) / len(records) for k in records[0]}

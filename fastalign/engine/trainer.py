@@ -97,8 +97,9 @@ class Trainer:
                 totals["_weight"] += self.batch_weight(batch)
                 totals["_tokens"] += batch.num_tokens
                 totals["_real_tokens"] += int(batch.cu_seqlens[-1])
-                for key, value in batch_sums.items():
-                    totals[key] = totals.get(key, 0.0) + float(value)
+            # Every process all-reduces the same keys: a weight-0 copy adds zeros.
+            for key, value in batch_sums.items():
+                totals[key] = totals.get(key, 0.0) + (float(value) if counts else 0.0)
         keys = sorted(totals)
         return dict(zip(keys, distributed.all_reduce_sum([totals[k] for k in keys], self.engine.device)))
 

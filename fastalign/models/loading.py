@@ -5,8 +5,11 @@ names need no download: ``fastalign/tiny-llama`` and ``fastalign/tiny-qwen2`` (r
 character tokenizer), the embedded default.
 
 Attention, best first: ``flash_attention_2`` when flash-attn is installed and the model is on
-CUDA; torch's ``varlen_attn`` on CUDA; ``sdpa`` elsewhere. All three keep packed sequences apart
-given restarting ``position_ids``, no attention mask and no cache (the packed forward does that).
+CUDA; else ``fastalign_varlen`` (``models/varlen.py``: torch's ``varlen_attn`` on CUDA, one sdpa
+call per packed sequence elsewhere); plain ``sdpa`` only if transformers cannot register it. All
+keep packed sequences apart given restarting ``position_ids``, no attention mask and no cache (the
+packed forward does that); sdpa over a whole packed row does it with an ``[N, N]`` mask, at the
+cost of the row length squared.
 """
 
 from __future__ import annotations
@@ -22,14 +25,15 @@ BUILTIN = {"fastalign/tiny-llama": "llama", "fastalign/tiny-qwen2": "qwen2"}
 
 def attention_backend(device) -> tuple[str, str]:
     """``(attn_implementation, why)`` for a model that will run on ``device``."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        if importlib.util.find_spec("flash_attn") is not None:
-            return "flash_attention_2", "flash-attn is installed and the model runs on CUDA"
-        from .varlen import register_varlen_attention
+    from .varlen import cuda_varlen_available, register_varlen_attention
 
-        if register_varlen_attention():
+    device = torch.device(device)
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2", "flash-attn is installed and the model runs on CUDA"
+    if register_varlen_attention():
+        if device.type == "cuda" and cuda_varlen_available():
             return "fastalign_varlen", "CUDA without flash-attn: torch varlen_attn"
+        return "fastalign_varlen", f"{device.type}: one causal sdpa call per packed sequence, no [N, N] mask"
     return "sdpa", f"{device.type}: sdpa with restarting position_ids and no attention mask"
 
 

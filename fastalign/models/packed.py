@@ -16,6 +16,8 @@ import torch
 from fastalign.data import IGNORE_INDEX, PackedBatch
 from fastalign.kernels import linear_logprobs
 
+from .varlen import packed_rows
+
 # Backends that take the sequence boundaries directly (sdpa reads them from position_ids).
 VARLEN_BACKENDS = ("flash_attention_2", "fastalign_varlen")
 
@@ -39,14 +41,16 @@ def lm_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 def packed_hidden(model, batch: PackedBatch) -> torch.Tensor:
     """Final hidden states ``[N, H]`` of every token of the packed row."""
-    varlen = {}
+    varlen, context = {}, contextlib.nullcontext()
     if getattr(model.config, "_attn_implementation", None) in VARLEN_BACKENDS:
         varlen = dict(cu_seq_lens_q=batch.cu_seqlens, cu_seq_lens_k=batch.cu_seqlens,
                       max_length_q=batch.max_seqlen, max_length_k=batch.max_seqlen)
-    out = body(model)(
-        input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=None, use_cache=False,
-        **varlen,
-    )
+        context = packed_rows()
+    with context:
+        out = body(model)(
+            input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=None, use_cache=False,
+            **varlen,
+        )
     return out.last_hidden_state[0]
 
 

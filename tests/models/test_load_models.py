@@ -10,18 +10,18 @@ from fastalign.models.tiny import char_tokenizer, tiny_model
 ROWS = [{"prompt": f"{a}{b}=", "completion": f"{b}{a}"} for a in range(6) for b in range(6)]
 
 
-def test_cpu_uses_sdpa_and_says_why():
+def test_cpu_uses_per_sequence_attention_and_says_why():
     impl, why = attention_backend("cpu")
-    assert impl == "sdpa" and "position_ids" in why
+    assert impl == "fastalign_varlen" and "per packed sequence" in why
 
 
 def test_builtin_names_and_saved_paths(tmp_path):
     model, report = load_model("fastalign/tiny-qwen2", device="cpu")
-    assert type(model).__name__ == "Qwen2ForCausalLM" and report.startswith("sdpa")
+    assert type(model).__name__ == "Qwen2ForCausalLM" and report.startswith("fastalign_varlen")
     assert load_tokenizer("fastalign/tiny-qwen2").vocab_size == char_tokenizer().vocab_size
     model.save_pretrained(tmp_path)
     again, _ = load_model(str(tmp_path), device="cpu", dtype="bfloat16")
-    assert again.dtype == torch.bfloat16 and again.config._attn_implementation == "sdpa"
+    assert again.dtype == torch.bfloat16 and again.config._attn_implementation == "fastalign_varlen"
     with pytest.raises(ValueError, match="unknown tiny arch"):
         load_model(tiny_model("gpt2"))
 

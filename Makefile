@@ -39,6 +39,6 @@ bench: install
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks benchmarks/out
 
-# The embedded demo: built-in tiny model and task, nothing downloaded; a few minutes on 2 CPU cores.
+# The embedded demo: built-in tiny model and task, nothing downloaded; about 20 s on 2 CPU cores.
 demo: install
 	$(PY) -m fastalign.cli demo --output-dir runs/demo

@@ -1,4 +1,5 @@
-"""The embedded demo, shortened: it trains, measures before and after, and writes its run dir."""
+"""The embedded demo, shortened: it trains its three stages, measures before and after each, and
+writes its run dir."""
 
 import json
 
@@ -10,12 +11,30 @@ pytest.importorskip("matplotlib", reason="the demo draws its curves with matplot
 
 
 def test_short_demo_improves_the_task_and_writes_its_run_dir(tmp_path, capsys):
-    settings = DemoSettings(train_rows=3000, eval_rows=50, sft_steps=120)
+    settings = DemoSettings(train_rows=3000, eval_rows=50, pair_rows=1500, eval_pairs=100, reward_steps=150,
+                            dpo_steps=150)
     summary = run_demo(tmp_path, settings)
-    before, after = summary["stages"]
-    assert before["stage"].startswith("before") and after["stage"] == "after SFT"
-    assert after["reward_mean"] > before["reward_mean"] + 0.2
+    before, sft, reward, dpo = summary["stages"]
+    assert before["stage"].startswith("before") and sft["stage"] == "after SFT"
+    assert reward["stage"].startswith("after reward model") and dpo["stage"] == "after DPO"
+    assert sft["reward_mean"] > before["reward_mean"] + 0.2
+    # The reward model is a copy with its own head: the policy, and so the task metric, is the SFT model's.
+    assert (reward["exact_sorted"], reward["reward_mean"]) == (sft["exact_sorted"], sft["reward_mean"])
+    assert reward["pair_accuracy"] > 0.55 and reward["pair_accuracy"] > reward["pair_accuracy_before"]
+    # DPO ranks held-out pairs by its implicit reward and answers better than the SFT model
+    # (tests/algorithms/test_dpo_learning.py holds it to a margin).
+    assert dpo["pair_accuracy"] > 0.75 and dpo["reward_margin"] > 0
+    assert dpo["reward_mean"] > sft["reward_mean"]
+    for row in (before, sft):
+        assert row["pair_accuracy"] is None
     assert json.loads((tmp_path / "summary.json").read_text()) == json.loads(json.dumps(summary))
-    assert "| after SFT |" in (tmp_path / "results.md").read_text() and "| after SFT |" in capsys.readouterr().out
-    assert (tmp_path / "sft" / "metrics.jsonl").exists() and (tmp_path / "sft" / "plots" / "loss.png").exists()
-    assert (tmp_path / "sft" / "model.safetensors").exists()
+    assert summary["wall_seconds"] > 0 and summary["settings"]["dpo_steps"] == 150
+    results, out = (tmp_path / "results.md").read_text(), capsys.readouterr().out
+    for row in summary["stages"]:
+        assert f"| {row['stage']} |" in results and f"| {row['stage']} |" in out
+    assert f"| {dpo['pair_accuracy']:.3f} |" in results
+    for stage in ("sft", "reward", "dpo"):
+        assert (tmp_path / stage / "metrics.jsonl").exists() and (tmp_path / stage / "plots" / "loss.png").exists()
+        assert (tmp_path / stage / "model.safetensors").exists()
+    assert (tmp_path / "reward" / "plots" / "accuracy.png").exists()
+    assert (tmp_path / "dpo" / "plots" / "rewards_accuracies.png").exists()

@@ -56,7 +56,7 @@ class DPOConfig(TrainingConfig):
     disable_dropout: bool = True
     model_adapter_name: str | None = None
     ref_adapter_name: str | None = None
-    discopop_tau: float = 0.05
+    discopop_tau: float = 0.05  # the discopop loss's temperature
 
     def __post_init__(self):
         super().__post_init__()
@@ -162,7 +162,7 @@ class DPOTrainer(PairTrainer):
             hidden, weight, batch.labels, batch.chosen, batch.rejected, ref_c, ref_r,
             cu_seqlens=batch.cu_seqlens, bias=bias, beta=args.beta, loss_type=args.loss_type,
             label_smoothing=args.label_smoothing, reference_free=args.reference_free,
-            average_log_prob=args.average_log_prob, **({"discopop_tau": args.discopop_tau} if args.loss_type == "discopop" else {}),
+            average_log_prob=args.average_log_prob, discopop_tau=args.discopop_tau,
         )
         c, r = out.chosen_rewards, out.rejected_rewards
         return out.loss * batch.chosen.numel(), {

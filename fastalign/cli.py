@@ -135,7 +135,7 @@ def peft_config(run: dict, task_type: str = "CAUSAL_LM"):
 
 def train(algo: str, config_path: str | None, overrides: list[str]) -> dict:
     from fastalign.data import load_rows
-    from fastalign.models import load_model, load_reward_model, load_tokenizer
+    from fastalign.models import load_model, load_tokenizer
 
     config_class, trainer_class = algorithms()[algo]
     values = load_config_file(config_path) if config_path else {}
@@ -145,9 +145,8 @@ def train(algo: str, config_path: str | None, overrides: list[str]) -> dict:
         raise SystemExit("fastalign: the config needs model_name_or_path and dataset_name")
     name = run["model_name_or_path"]
     tokenizer = load_tokenizer(run.get("tokenizer_name_or_path", name))
-    loader = load_reward_model if algo == "reward" else load_model
     model_kwargs = dict(dtype=run.get("dtype"), trust_remote_code=bool(run.get("trust_remote_code")))
-    model, report = loader(name, **model_kwargs)
+    model, report = trainer_class.model_loader(name, **model_kwargs)
     print(f"fastalign: {name}: attention {report}", file=sys.stderr)
     extra = {}
     if run.get("ref_model_name_or_path"):
@@ -159,7 +158,7 @@ def train(algo: str, config_path: str | None, overrides: list[str]) -> dict:
     test_split = run.get("dataset_test_split")
     eval_rows = load_rows(source, test_split, run.get("dataset_config")) if test_split else None
     trainer = trainer_class(model, args=config, train_dataset=train_rows, eval_dataset=eval_rows, tokenizer=tokenizer,
-                            peft_config=peft_config(run, "SEQ_CLS" if algo == "reward" else "CAUSAL_LM"), **extra)
+                            peft_config=peft_config(run, trainer_class.peft_task_type), **extra)
     for split, rep in trainer.reports.items():
         print(f"fastalign: {split} data: {rep}", file=sys.stderr)
     result = trainer.train()

@@ -35,9 +35,9 @@ from tqdm.auto import tqdm
 
 from fastalign.engine import TrainingConfig, distributed
 from fastalign.kernels import LOSS_TYPES, fused_preference_loss
-from fastalign.models import lm_head, load_model, packed_hidden, sequence_logprobs
+from fastalign.models import lm_head, load_model, packed_hidden, prepare_model, sequence_logprobs
 
-from .pairs import PairTrainer, tokenizer_for
+from .pairs import PairTrainer
 
 
 @dataclass
@@ -78,15 +78,13 @@ def disable_dropout(model) -> None:
 
 
 class DPOTrainer(PairTrainer):
+    model_loader = staticmethod(load_model)
+    peft_task_type = "CAUSAL_LM"
+
     def __init__(self, model, ref_model=None, args: DPOConfig | None = None, train_dataset=None, eval_dataset=None,
                  tokenizer=None, peft_config=None, optimizers=(None, None)):
         args = args or DPOConfig()
-        tokenizer = tokenizer_for(model, tokenizer)
-        model, self.attention = load_model(model)
-        if peft_config is not None:
-            from peft import get_peft_model
-
-            model = get_peft_model(model, peft_config)
+        model, tokenizer, self.attention = prepare_model(model, tokenizer, peft_config, self.model_loader)
         self.is_peft = hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
         if ref_model is not None:
             ref_model, _ = load_model(ref_model)

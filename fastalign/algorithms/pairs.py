@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from fastalign.data import Pair, load_rows, pack_all, tokenize_pairs
 from fastalign.engine import Trainer
-from fastalign.models import load_tokenizer
 
 
 class PairTrainer(Trainer):
@@ -44,11 +43,3 @@ class PairTrainer(Trainer):
     def batch_weight(self, batch) -> float:
         return float(batch.chosen.numel())
 
-
-def tokenizer_for(model, tokenizer):
-    """The tokenizer given, or the one named like the model; a model object needs one given."""
-    if tokenizer is None and isinstance(model, str):
-        tokenizer = load_tokenizer(model)
-    if tokenizer is None:
-        raise ValueError("pass the tokenizer (a model object does not carry one)")
-    return tokenizer

@@ -22,9 +22,9 @@ import torch
 
 from fastalign.engine import TrainingConfig
 from fastalign.kernels import reward_loss
-from fastalign.models import load_reward_model, packed_scores
+from fastalign.models import load_reward_model, packed_scores, prepare_model
 
-from .pairs import PairTrainer, tokenizer_for
+from .pairs import PairTrainer
 
 
 @dataclass
@@ -38,17 +38,15 @@ class RewardConfig(TrainingConfig):
 
 
 class RewardTrainer(PairTrainer):
+    model_loader = staticmethod(load_reward_model)
+    peft_task_type = "SEQ_CLS"
+
     def __init__(self, model, args: RewardConfig | None = None, train_dataset=None, eval_dataset=None,
                  tokenizer=None, peft_config=None, optimizers=(None, None)):
         args = args or RewardConfig()
-        tokenizer = tokenizer_for(model, tokenizer)
-        model, self.attention = load_reward_model(model)
+        model, tokenizer, self.attention = prepare_model(model, tokenizer, peft_config, self.model_loader)
         if model.config.pad_token_id is None:  # transformers' own classifier forward needs it
             model.config.pad_token_id = tokenizer.pad_token_id
-        if peft_config is not None:
-            from peft import get_peft_model
-
-            model = get_peft_model(model, peft_config)
         train, evals = self._datasets(args, train_dataset, eval_dataset, tokenizer)
         super().__init__(model, args, train, evals, tokenizer, optimizers)
 

@@ -19,7 +19,7 @@ import torch
 
 from fastalign.data import load_rows, tokenize_sft
 from fastalign.engine import TrainingConfig, Trainer
-from fastalign.models import load_model, load_tokenizer, packed_logprobs
+from fastalign.models import load_model, packed_logprobs, prepare_model
 
 
 @dataclass
@@ -34,21 +34,15 @@ class SFTConfig(TrainingConfig):
 
 
 class SFTTrainer(Trainer):
+    model_loader = staticmethod(load_model)  # how a model name is loaded (the CLI reads these two)
+    peft_task_type = "CAUSAL_LM"
+
     def __init__(self, model, args: SFTConfig | None = None, train_dataset=None, eval_dataset=None, tokenizer=None,
                  peft_config=None, formatting_func=None, optimizers=(None, None)):
         args = args or SFTConfig()
         if train_dataset is None:
             raise ValueError("SFTTrainer needs a train_dataset")
-        if isinstance(model, str):
-            tokenizer = tokenizer or load_tokenizer(model)
-        model, report = load_model(model)
-        if tokenizer is None:
-            raise ValueError("pass the tokenizer (a model object does not carry one)")
-        if peft_config is not None:
-            from peft import get_peft_model
-
-            model = get_peft_model(model, peft_config)
-        self.attention = report
+        model, tokenizer, self.attention = prepare_model(model, tokenizer, peft_config, self.model_loader)
         self.reports = {}
         units = self._units("train", train_dataset, tokenizer, args, formatting_func)
         eval_units = self._units("eval", eval_dataset, tokenizer, args, formatting_func) if eval_dataset is not None else None

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .formats import TRUNCATION_MODES, _bad, _ids
+from .formats import TRUNCATION_MODES, _bad, _ids, _text
 from .packing import Sequence
 
 
@@ -77,16 +77,6 @@ def _eos(tokenizer, ids: list[int]) -> list[int]:
     return ids + [eos] if eos is not None and (not ids or ids[-1] != eos) else ids
 
 
-def _string(row, i, column):
-    value = row.get(column)
-    if column not in row:
-        raise _bad(i, column, f"missing (the row has {sorted(row)})")
-    if not isinstance(value, str) or not value:
-        raise _bad(i, column, "expected a non-empty string" if isinstance(value, str) else
-                   f"expected a string or a list of messages, got {type(value).__name__}")
-    return value
-
-
 def _messages(value, i, column):
     if not value or not all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
         raise _bad(i, column, "expected a non-empty list of {role, content} messages")
@@ -125,13 +115,13 @@ def _split(tokenizer, row, i) -> tuple[list[int], list[int], list[int], list[int
             full_c, full_r = render(chosen), render(rejected)
             prompt_ids = full_c[:_common_prefix(full_c, full_r)]
     elif row.get("prompt") is not None:  # explicit prompt
-        prompt = _string(row, i, "prompt")
+        prompt = _text(row, i, "prompt")
         prompt_ids = _ids(tokenizer, prompt, special=True)
-        full_c = _ids(tokenizer, prompt + _string(row, i, "chosen"), special=True)
-        full_r = _ids(tokenizer, prompt + _string(row, i, "rejected"), special=True)
+        full_c = _ids(tokenizer, prompt + _text(row, i, "chosen"), special=True)
+        full_r = _ids(tokenizer, prompt + _text(row, i, "rejected"), special=True)
     else:  # implicit prompt
-        full_c = _ids(tokenizer, _string(row, i, "chosen"), special=True)
-        full_r = _ids(tokenizer, _string(row, i, "rejected"), special=True)
+        full_c = _ids(tokenizer, _text(row, i, "chosen"), special=True)
+        full_r = _ids(tokenizer, _text(row, i, "rejected"), special=True)
         prompt_ids = full_c[:_common_prefix(full_c, full_r)]
     full_c, full_r = _eos(tokenizer, full_c), _eos(tokenizer, full_r)
     n_c, n_r = _common_prefix(prompt_ids, full_c), _common_prefix(prompt_ids, full_r)

@@ -107,3 +107,19 @@ def load_reward_model(model, *, dtype=None, trust_remote_code: bool = False, dev
     if getattr(model.config, "num_labels", 1) != 1:
         raise ValueError(f"a reward model has one label; {type(model).__name__} has {model.config.num_labels}")
     return model, report
+
+
+def prepare_model(model, tokenizer=None, peft_config=None, loader=load_model):
+    """What every trainer does first: ``(model, tokenizer, attention_report)`` with the model
+    loaded by ``loader`` (a name, path or object), LoRA applied when ``peft_config`` is given, and
+    the tokenizer given or, for a named model, the one named like it."""
+    if tokenizer is None and isinstance(model, str):
+        tokenizer = load_tokenizer(model)
+    if tokenizer is None:
+        raise ValueError("pass the tokenizer (a model object does not carry one)")
+    model, report = loader(model)
+    if peft_config is not None:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, peft_config)
+    return model, tokenizer, report

@@ -14,7 +14,7 @@ import contextlib
 import torch
 
 from fastalign.data import IGNORE_INDEX, PackedBatch
-from fastalign.kernels import linear_logprobs
+from fastalign.kernels import linear_logprobs, segment_mean, segment_sum
 
 from .varlen import packed_rows
 
@@ -65,12 +65,13 @@ def gathered(*params):
     return deepspeed.zero.GatheredParameters(sharded, modifier_rank=None)
 
 
-def packed_logprobs(model, batch: PackedBatch, temperature: float = 1.0) -> torch.Tensor:
+def packed_logprobs(model, batch: PackedBatch, temperature: float = 1.0, hidden: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 log-prob of each token's label ``[N]``, 0 where no loss is taken.
 
-    The lm_head runs only at the ``batch.num_loss_tokens`` loss positions.
+    The lm_head runs only at the ``batch.num_loss_tokens`` loss positions; ``hidden`` (the row's
+    final hidden states, when the caller already has them) saves the body call.
     """
-    hidden = packed_hidden(model, batch)
+    hidden = packed_hidden(model, batch) if hidden is None else hidden
     weight, bias = lm_head(model)
     pos = (batch.labels != IGNORE_INDEX).nonzero()[:, 0]
     with gathered(weight, bias):
@@ -81,11 +82,9 @@ def packed_logprobs(model, batch: PackedBatch, temperature: float = 1.0) -> torc
 def sequence_logprobs(model, batch: PackedBatch, average: bool = False) -> torch.Tensor:
     """fp32 ``[S]``: each sequence's summed (or, ``average``, mean) log-prob of its loss tokens."""
     logp = packed_logprobs(model, batch)
-    out = torch.zeros(batch.num_sequences, dtype=torch.float32, device=logp.device).index_add(0, batch.seq_index, logp)
     if average:
-        counts = torch.bincount(batch.seq_index[batch.labels != IGNORE_INDEX], minlength=batch.num_sequences)
-        out = out / counts.clamp(min=1)
-    return out
+        return segment_mean(logp, cu_seqlens=batch.cu_seqlens, mask=batch.labels != IGNORE_INDEX)
+    return segment_sum(logp, cu_seqlens=batch.cu_seqlens)
 
 
 SCORE_HEADS = ("score", "classifier", "v_head")

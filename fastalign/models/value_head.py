@@ -20,7 +20,7 @@ from torch import nn
 
 from fastalign.data import IGNORE_INDEX, PackedBatch
 
-from .packed import gathered, lm_head, packed_hidden
+from .packed import packed_hidden, packed_logprobs
 
 HEAD_FILE = "value_head.safetensors"
 
@@ -111,13 +111,8 @@ class CausalLMWithValueHead(nn.Module):
 def packed_logprobs_and_values(model, batch: PackedBatch, temperature: float = 1.0):
     """fp32 ``(logprobs [N], values [N])`` from one body call: the log-prob of each token's label
     (0 where no loss is taken) and the value head at every loss position (0 elsewhere)."""
-    from fastalign.kernels import linear_logprobs
-
     hidden = packed_hidden(model, batch)
-    weight, bias = lm_head(model)
+    logp = packed_logprobs(model, batch, temperature, hidden=hidden)
     pos = (batch.labels != IGNORE_INDEX).nonzero()[:, 0]
-    with gathered(weight, bias):
-        logp = linear_logprobs(hidden[pos], weight, batch.labels[pos], bias, temperature=temperature)
-    values = model.v_head(hidden[pos]).float()
-    zeros = torch.zeros(batch.num_tokens, dtype=torch.float32, device=hidden.device)
-    return zeros.index_put((pos,), logp), zeros.index_put((pos,), values)
+    values = torch.zeros(batch.num_tokens, dtype=torch.float32, device=hidden.device)
+    return logp, values.index_put((pos,), model.v_head(hidden[pos]).float())

@@ -15,6 +15,7 @@ forward) is no mask built.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 
 import torch
@@ -91,6 +92,7 @@ def register_varlen_attention() -> bool:
     return True
 
 
+@functools.cache
 def cuda_varlen_available() -> bool:
     try:
         from torch.nn.attention.varlen import varlen_attn  # noqa: F401

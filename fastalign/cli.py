@@ -29,6 +29,12 @@ RUN_KEYS = {
                               "adapters disabled under use_peft)",
     "dtype": "float32, bfloat16, float16 or auto (the checkpoint's)",
     "trust_remote_code": "run code shipped with the model (off by default)",
+    "reward_model_name_or_path": "ppo: a reward model (a RewardTrainer's output dir, or a hub name) scoring "
+                                 "query+response; it must share the policy's tokenizer",
+    "reward_function": "ppo: instead of a reward model, 'sort_digits' (the built-in task's sortedness) or "
+                       "'package.module:function' taking (queries, responses) texts, returning one float each",
+    "generation_kwargs": "ppo: a mapping of sampling options (max_new_tokens, top_k, top_p, temperature, ...)",
+    "num_shared_layers": "ppo: bottom layers the frozen reference shares with the policy (frozen in both)",
     "dataset_name": "a hub name, a data file (.json/.jsonl/.parquet/.csv, .gz ok) or a folder",
     "dataset_config": "the dataset's configuration name, if any",
     "dataset_train_split": "default train",
@@ -48,16 +54,19 @@ def algorithms() -> dict:
         DPOTrainer,
         RewardConfig,
         RewardTrainer,
+        PPOConfig,
+        PPOTrainer,
         SFTConfig,
         SFTTrainer,
     )
 
-    return {"sft": (SFTConfig, SFTTrainer), "reward": (RewardConfig, RewardTrainer), "dpo": (DPOConfig, DPOTrainer)}
+    return {"sft": (SFTConfig, SFTTrainer), "reward": (RewardConfig, RewardTrainer), "dpo": (DPOConfig, DPOTrainer),
+            "ppo": (PPOConfig, PPOTrainer)}
 
 
 # Run keys whose values are names and paths, kept as written.
 _TEXT_RUN_KEYS = {"model_name_or_path", "tokenizer_name_or_path", "ref_model_name_or_path", "dtype", "dataset_name", "dataset_config",
-                  "dataset_train_split", "dataset_test_split"}
+                  "dataset_train_split", "dataset_test_split", "reward_model_name_or_path", "reward_function"}
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -150,11 +159,16 @@ def train(algo: str, config_path: str | None, overrides: list[str]) -> dict:
     print(f"fastalign: {name}: attention {report}", file=sys.stderr)
     extra = {}
     if run.get("ref_model_name_or_path"):
-        if algo != "dpo":
-            raise SystemExit(f"fastalign: ref_model_name_or_path is for dpo, not {algo}")
+        if algo not in ("dpo", "ppo"):
+            raise SystemExit(f"fastalign: ref_model_name_or_path is for dpo and ppo, not {algo}")
         extra["ref_model"] = load_model(run["ref_model_name_or_path"], **model_kwargs)[0]
+    ppo_keys = ("reward_model_name_or_path", "reward_function", "generation_kwargs", "num_shared_layers")
+    if algo != "ppo" and any(k in run for k in ppo_keys):
+        raise SystemExit(f"fastalign: {', '.join(k for k in ppo_keys if k in run)} are for ppo, not {algo}")
     source = run["dataset_name"]
     train_rows = load_rows(source, run.get("dataset_train_split", "train"), run.get("dataset_config"))
+    if algo == "ppo":
+        return _train_ppo(config, run, model, tokenizer, train_rows, extra)
     test_split = run.get("dataset_test_split")
     eval_rows = load_rows(source, test_split, run.get("dataset_config")) if test_split else None
     trainer = trainer_class(model, args=config, train_dataset=train_rows, eval_dataset=eval_rows, tokenizer=tokenizer,
@@ -162,6 +176,24 @@ def train(algo: str, config_path: str | None, overrides: list[str]) -> dict:
     for split, rep in trainer.reports.items():
         print(f"fastalign: {split} data: {rep}", file=sys.stderr)
     result = trainer.train()
+    print(json.dumps(result, indent=1))
+    return result
+
+
+def _train_ppo(config, run, model, tokenizer, rows, extra) -> dict:
+    """PPO over a dataset of prompts, rewarded by a reward model or a reward function."""
+    from fastalign.algorithms import PPOTrainer
+    from fastalign.algorithms.ppo import reward_function
+
+    if bool(run.get("reward_model_name_or_path")) == bool(run.get("reward_function")):
+        raise SystemExit("fastalign: ppo needs exactly one of reward_model_name_or_path and reward_function")
+    if run.get("dataset_test_split"):
+        raise SystemExit("fastalign: ppo trains on prompts and has no evaluation split; drop dataset_test_split")
+    reward_fn = reward_function(run["reward_function"]) if run.get("reward_function") else None
+    trainer = PPOTrainer(config, model, tokenizer=tokenizer, dataset=rows, peft_config=peft_config(run),
+                         num_shared_layers=run.get("num_shared_layers"),
+                         reward_model=run.get("reward_model_name_or_path"), **extra)
+    result = trainer.train(reward_fn, run.get("generation_kwargs"))
     print(json.dumps(result, indent=1))
     return result
 

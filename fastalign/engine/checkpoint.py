@@ -134,17 +134,21 @@ def save_checkpoint(output_dir, step: int, model, tokenizer, trainer_state: dict
     return final
 
 
-def load_model_weights(model, checkpoint: Path) -> None:
-    """Load the weights ``save_pretrained`` wrote in ``checkpoint`` into ``model`` (PEFT or not)."""
+def load_model_weights(model, checkpoint: Path, exclude=()) -> None:
+    """Load the weights ``save_pretrained`` wrote in ``checkpoint`` into ``model`` (PEFT or not);
+    a model with its own ``load_saved_weights`` (the value-head model) loads itself."""
     from safetensors.torch import load_file
 
     checkpoint = Path(checkpoint)
+    if hasattr(model, "load_saved_weights"):
+        model.load_saved_weights(checkpoint)
+        return
     if hasattr(model, "peft_config"):
         from peft import set_peft_model_state_dict
 
         set_peft_model_state_dict(model, load_file(checkpoint / "adapter_model.safetensors"))
         return
-    files = sorted(checkpoint.glob("*.safetensors"))
+    files = sorted(f for f in checkpoint.glob("*.safetensors") if f.name not in exclude)
     if not files:
         raise FileNotFoundError(f"{checkpoint} holds no .safetensors weights")
     state = {}

@@ -67,6 +67,26 @@ def all_reduce_sum(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
+def all_reduce_max(value: int, device) -> int:
+    """The largest ``value`` over all processes (identity on one process)."""
+    if world_size() == 1 or not torch.distributed.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
+
+
+def all_gather_floats(values: list[float], device) -> list[float]:
+    """Every process's ``values`` (the same count on each), concatenated in rank order."""
+    world = world_size()
+    if world == 1 or not torch.distributed.is_initialized():
+        return list(values)
+    n = len(values)
+    buf = [0.0] * (n * world)
+    buf[rank() * n:(rank() + 1) * n] = values
+    return all_reduce_sum(buf, device)
+
+
 def import_deepspeed():
     """DeepSpeed, set up for this machine: its CPU accelerator when there is no CUDA, and without
     the shared-memory all-reduce op (used for inference only; it costs a 30 s compile on CPU)."""

@@ -31,7 +31,64 @@ from .engine import Engine
 from .metrics import MetricsLogger
 
 
-class Trainer:
+class Checkpointing:
+    """Saving the trained model, and checkpoints a killed run resumes from: the model, the
+    optimizer and schedule (DeepSpeed's own checkpoint under DeepSpeed), each process's RNG state
+    and whatever ``extra_state`` adds. Needs ``args``, ``engine``, ``model``, ``tokenizer``,
+    ``global_step`` and ``logger``."""
+
+    def extra_state(self) -> dict:
+        """Algorithm state a resumed run needs besides the model and optimizer."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    def save_model(self, output_dir) -> None:
+        """The trained model (and tokenizer) in Hugging Face format; every process calls it (ZeRO-3
+        gathers the shards), the main one writes."""
+        state = distributed.full_state_dict(self.engine) if self.engine.deepspeed is not None else None
+        if distributed.is_main():
+            ckpt.save_hf(output_dir, self.model, self.tokenizer, state)
+        distributed.barrier()
+
+    def save_checkpoint(self) -> Path:
+        ds = self.engine.deepspeed
+        if ds is None:
+            state, full, extra = {"optimizer": self.engine.optimizer.state_dict(),
+                                  "scheduler": self.engine.lr_scheduler.state_dict()}, None, None
+        else:  # DeepSpeed keeps the (sharded) optimizer and the schedule in its own checkpoint
+            state, full = {}, distributed.full_state_dict(self.engine)
+            extra = lambda tmp: ds.save_checkpoint(str(tmp / "deepspeed"), tag="state")  # noqa: E731
+        state.update(self.extra_state())
+        path = ckpt.save_checkpoint(
+            self.args.output_dir, self.global_step, self.model, self.tokenizer, state, self.args.save_total_limit,
+            state_dict=full, write_extra=extra,
+        )
+        self.logger.write(f"saved {path}")
+        return path
+
+    def _resume(self) -> int:
+        target = self.args.resume_from_checkpoint
+        path = ckpt.latest_checkpoint(self.args.output_dir) if target is True else Path(target)
+        if path is None or not path.is_dir():
+            raise FileNotFoundError(f"resume_from_checkpoint={target!r}: no checkpoint found (output_dir={self.args.output_dir})")
+        state = ckpt.load_trainer_state(path)
+        if self.engine.deepspeed is None:
+            ckpt.load_model_weights(self.model, path)
+            self.engine.optimizer.load_state_dict(state["optimizer"])
+            self.engine.lr_scheduler.load_state_dict(state["scheduler"])
+        else:
+            if not (path / "deepspeed").is_dir():
+                raise FileNotFoundError(f"{path} was written without DeepSpeed; it has no DeepSpeed optimizer states")
+            self.engine.deepspeed.load_checkpoint(str(path / "deepspeed"), tag="state")
+        ckpt.set_rng_state(state["rng"])
+        self.load_extra_state(state)
+        self.global_step = state["step"]
+        return state["step"]
+
+
+class Trainer(Checkpointing):
     def __init__(self, model, args: TrainingConfig, train_units, eval_units=None, tokenizer=None,
                  optimizers=(None, None)):
         if not train_units:
@@ -176,49 +233,6 @@ class Trainer:
         runtime = time.perf_counter() - began
         return {"train_loss": sum(losses) / len(losses) if losses else float("nan"), "train_runtime": runtime,
                 "steps": self.num_training_steps - start, **final}
-
-    # ---- checkpoints ---------------------------------------------------------------------------
-    def save_model(self, output_dir) -> None:
-        """The trained model (and tokenizer) in Hugging Face format; every process calls it (ZeRO-3
-        gathers the shards), the main one writes."""
-        state = distributed.full_state_dict(self.engine) if self.engine.deepspeed is not None else None
-        if distributed.is_main():
-            ckpt.save_hf(output_dir, self.model, self.tokenizer, state)
-        distributed.barrier()
-
-    def save_checkpoint(self) -> Path:
-        ds = self.engine.deepspeed
-        if ds is None:
-            state, full, extra = {"optimizer": self.engine.optimizer.state_dict(),
-                                  "scheduler": self.engine.lr_scheduler.state_dict()}, None, None
-        else:  # DeepSpeed keeps the (sharded) optimizer and the schedule in its own checkpoint
-            state, full = {}, distributed.full_state_dict(self.engine)
-            extra = lambda tmp: ds.save_checkpoint(str(tmp / "deepspeed"), tag="state")  # noqa: E731
-        path = ckpt.save_checkpoint(
-            self.args.output_dir, self.global_step, self.model, self.tokenizer, state, self.args.save_total_limit,
-            state_dict=full, write_extra=extra,
-        )
-        self.logger.write(f"saved {path}")
-        return path
-
-    def _resume(self) -> int:
-        target = self.args.resume_from_checkpoint
-        path = ckpt.latest_checkpoint(self.args.output_dir) if target is True else Path(target)
-        if path is None or not path.is_dir():
-            raise FileNotFoundError(f"resume_from_checkpoint={target!r}: no checkpoint found (output_dir={self.args.output_dir})")
-        state = ckpt.load_trainer_state(path)
-        if self.engine.deepspeed is None:
-            ckpt.load_model_weights(self.model, path)
-            self.engine.optimizer.load_state_dict(state["optimizer"])
-            self.engine.lr_scheduler.load_state_dict(state["scheduler"])
-        else:
-            if not (path / "deepspeed").is_dir():
-                raise FileNotFoundError(f"{path} was written without DeepSpeed; it has no DeepSpeed optimizer states")
-            self.engine.deepspeed.load_checkpoint(str(path / "deepspeed"), tag="state")
-        ckpt.set_rng_state(state["rng"])
-        self.global_step = state["step"]
-        return state["step"]
-
 
 def peak_memory_gb(device) -> float:
     """The run's peak memory so far: allocated on a GPU, the process's resident set on a CPU."""

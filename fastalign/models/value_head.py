@@ -20,7 +20,7 @@ from torch import nn
 
 from fastalign.data import IGNORE_INDEX, PackedBatch
 
-from .packed import packed_hidden, packed_logprobs
+from .packed import body, packed_hidden, packed_logprobs
 
 HEAD_FILE = "value_head.safetensors"
 
@@ -58,7 +58,11 @@ class CausalLMWithValueHead(nn.Module):
 
     @property
     def base_model(self):
-        return self.pretrained_model.base_model
+        """The transformer body (under PEFT, the adapted body of the wrapped model)."""
+        return body(self.pretrained_model)
+
+    def is_peft(self) -> bool:
+        return hasattr(self.pretrained_model, "disable_adapter") and hasattr(self.pretrained_model, "peft_config")
 
     def get_output_embeddings(self):
         return self.pretrained_model.get_output_embeddings()
@@ -90,6 +94,16 @@ class CausalLMWithValueHead(nn.Module):
             lm, head = None, {f"v_head.{k}": v for k, v in self.v_head.state_dict().items()}
         self.pretrained_model.save_pretrained(path, state_dict=lm, **kwargs)
         save_file({k: v.detach().contiguous().cpu() for k, v in head.items()}, str(path / HEAD_FILE))
+
+    def load_saved_weights(self, path) -> None:
+        """Load what ``save_pretrained`` wrote in ``path`` (a checkpoint) into this model."""
+        from safetensors.torch import load_file
+
+        from fastalign.engine.checkpoint import load_model_weights
+
+        load_model_weights(self.pretrained_model, path, exclude=(HEAD_FILE,))
+        state = load_file(str(Path(path) / HEAD_FILE))
+        self.v_head.load_state_dict({k.removeprefix("v_head."): v for k, v in state.items()})
 
     @classmethod
     def from_pretrained(cls, model, **kwargs):

@@ -31,6 +31,7 @@ about 20 % slower on an idle machine.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -38,7 +39,17 @@ from pathlib import Path
 
 import torch
 
-from fastalign.algorithms import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
+from fastalign.algorithms import (
+    DPOConfig,
+    DPOTrainer,
+    PPOConfig,
+    PPOTrainer,
+    RewardConfig,
+    RewardTrainer,
+    SFTConfig,
+    SFTTrainer,
+)
+from fastalign.engine.metrics import read_metrics
 from fastalign.engine.plot import plot_run
 from fastalign.models.tiny import char_tokenizer, tiny_model
 from fastalign.tasks import sort_digits
@@ -72,6 +83,14 @@ class DemoSettings:
     dpo_learning_rate: float = 1e-3
     dpo_steps: int = 300
     dpo_beta: float = 0.5
+    ppo_learning_rate: float = 1e-3
+    ppo_steps: int = 150
+    ppo_batch_size: int = 64
+    ppo_mini_batch_size: int = 16
+    ppo_init_kl_coef: float = 0.05
+    ppo_target_kl: float = 3.0  # nats per answer, summed over its tokens
+    ppo_horizon: float = 500.0
+    ppo_prompts: int = 5000
     warmup_ratio: float = 0.1  # reward model and DPO
     max_tokens_per_batch: int = 512
     cpu_threads: int | None = 1  # torch threads off GPU for the demo's duration; None: leave as is
@@ -95,6 +114,10 @@ NOTE = ("Exact sorted and mean reward: greedy answers to held-out prompts (the r
         "change the policy). Held-out pair accuracy: the fraction of unseen (sorted, flawed) answer pairs "
         "whose sorted answer scores higher, by the reward model's score or by DPO's implicit reward "
         "beta * log(pi / pi_ref).")
+
+
+def _sortedness(queries, responses):
+    return [sort_digits.sortedness_reward(q, r) for q, r in zip(queries, responses)]
 
 
 def run_demo(output_dir="runs/demo", settings: DemoSettings | None = None) -> dict:
@@ -136,6 +159,7 @@ def _run(out: Path, settings: DemoSettings) -> dict:
     t0 = time.perf_counter()
     trainer.train()
     results.append(_row("after SFT", sort_digits.evaluate(model, tokenizer, eval_rows), time.perf_counter() - t0))
+    sft_model = copy.deepcopy(model)  # PPO's starting point (DPO trains ``model`` in place)
     plot_run(out / "sft")
 
     # Stage 2: a reward model on the SFT model's body (a copy: the policy is not touched).
@@ -164,6 +188,27 @@ def _run(out: Path, settings: DemoSettings) -> dict:
                         dpo_metrics["eval/rewards/accuracies"], reward_margin=dpo_metrics["eval/rewards/margins"]))
     plot_run(out / "dpo")
     del dpo
+
+    # Stage 4: PPO from the SFT model, rewarded by the task's own graded sortedness of sampled answers.
+    ppo_args = PPOConfig(output_dir=str(out / "ppo"), learning_rate=s.ppo_learning_rate, max_steps=s.ppo_steps,
+                         batch_size=s.ppo_batch_size, mini_batch_size=s.ppo_mini_batch_size,
+                         init_kl_coef=s.ppo_init_kl_coef, target=s.ppo_target_kl, horizon=s.ppo_horizon, seed=s.seed,
+                         max_tokens_per_batch=4 * s.max_tokens_per_batch, logging_steps=1)
+    prompts = [{"query": r["prompt"]} for r in train_rows[:s.ppo_prompts]]
+    ppo = PPOTrainer(ppo_args, sft_model, tokenizer=tokenizer, dataset=prompts)
+    max_new = sort_digits.MAX_DIGITS + 1
+    t0 = time.perf_counter()
+    ppo_metrics = ppo.train(_sortedness, {"max_new_tokens": max_new})
+    seconds = time.perf_counter() - t0
+    first = read_metrics(out / "ppo")[0]
+    results.append(_row("after PPO (from the SFT model)", sort_digits.evaluate(sft_model, tokenizer, eval_rows), seconds,
+                        sampled_reward_first=first["env/reward_mean"], sampled_reward_last=ppo_metrics["env/reward_mean"],
+                        kl_last=ppo_metrics["objective/kl"]))
+    print(f"fastalign demo: PPO mean reward of sampled answers {first['env/reward_mean']:.3f} (step 1) -> "
+          f"{ppo_metrics['env/reward_mean']:.3f} (step {s.ppo_steps}), KL to the SFT model "
+          f"{ppo_metrics['objective/kl']:.2f} (target {s.ppo_target_kl})")
+    plot_run(out / "ppo")
+    del ppo
 
     table = _table(results)
     wall = time.perf_counter() - began

@@ -537,7 +537,8 @@ class PPOTrainer(Checkpointing):
                 raise TypeError(f"{name} must be a list, got {type(value).__name__}")
             if len(value) != bs:
                 raise ValueError(f"batch_size is {bs} but {name} holds {len(value)} samples")
-        vocab = self.model.get_output_embeddings().weight.shape[0]
+        weight = self.model.get_output_embeddings().weight
+        vocab = getattr(weight, "ds_shape", weight.shape)[0]  # ZeRO-3: the whole shape, not the local shard
         for name in ("queries", "responses"):
             for i, t in enumerate(named[name]):
                 if not torch.is_tensor(t) or t.dim() != 1 or t.dtype.is_floating_point:

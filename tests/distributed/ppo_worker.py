@@ -100,11 +100,11 @@ def counting():
         _COUNTING.counts = None
 
 
-from fastalign.algorithms.ppo import PPOConfig, PPOTrainer  # noqa: E402
-from fastalign.data import plan_batches  # noqa: E402
-from fastalign.models import CausalLMWithValueHead, as_reward_model  # noqa: E402
-from fastalign.models.tiny import char_tokenizer, tiny_model  # noqa: E402
-from fastalign.tasks.sort_digits import make_rows  # noqa: E402
+from fastalign.algorithms.ppo import PPOConfig, PPOTrainer
+from fastalign.data import plan_batches
+from fastalign.models import CausalLMWithValueHead, as_reward_model
+from fastalign.models.tiny import char_tokenizer, tiny_model
+from fastalign.tasks.sort_digits import make_rows
 
 HORIZON = 50  # per process: the KL coefficient moves by 16 % of its error per step, visibly
 STEPS = 3
@@ -186,22 +186,23 @@ def run_train(out, deepspeed, report, flush) -> None:
     config = PPOConfig(batch_size=4, mini_batch_size=2, ppo_epochs=1, max_steps=2, learning_rate=1e-3,
                        deepspeed=deepspeed, seed=0, disable_tqdm=True, output_dir=out)
     trainer = PPOTrainer(config=config, model=policy(), tokenizer=char_tokenizer(), dataset=rows)
-    generate, calls = trainer.generate, []
+    generate, into = trainer.generate, {"key": None}  # the report's list the next generations go to
 
     def counted_generate(queries, *args, **kwargs):
         with counting() as counts:
             responses = generate(queries, *args, **kwargs)
-        calls.append({"collectives": dict(counts), "lengths": [len(r) for r in responses],
-                      "queries": trainer.tokenizer.batch_decode(queries, skip_special_tokens=True)})
+        report[into["key"]].append({"collectives": dict(counts), "lengths": [len(r) for r in responses],
+                                    "queries": trainer.tokenizer.batch_decode(queries, skip_special_tokens=True)})
         flush()
         return responses
 
     trainer.generate = counted_generate  # what train() calls
     report.update(stage=trainer.engine.zero_stage, world=trainer.world_size, held=held(trainer.model.parameters()),
-                  ref_held=held(trainer.ref_model.parameters()))
+                  ref_held=held(trainer.ref_model.parameters()), params=len(list(trainer.model.parameters())))
     flush()
     for k in NEW_TOKENS:
-        calls = report[f"k{k}"] = []
+        into["key"] = f"k{k}"
+        report[into["key"]] = []
         result = trainer.train(reward_fn=digit_reward,
                                generation_kwargs={"max_new_tokens": k, "do_sample": True, "eos_token_id": None})
         report[f"k{k}_steps_run"] = result["steps"]
@@ -210,8 +211,12 @@ def run_train(out, deepspeed, report, flush) -> None:
     trainer._generation_context = contextlib.nullcontext
     queries = [trainer.dataset[i]["input_ids"] for i in range(4)]
     for k in NEW_TOKENS:
-        calls = report[f"k{k}_per_module"] = []
-        counted_generate(queries, return_prompt=False, max_new_tokens=k, do_sample=True, eos_token_id=None)
+        into["key"] = f"k{k}_per_module"
+        report[into["key"]] = []
+        try:
+            counted_generate(queries, return_prompt=False, max_new_tokens=k, do_sample=True, eos_token_id=None)
+        except Exception as e:  # noqa: BLE001  reported, not asserted
+            report[into["key"]].append({"error": f"{type(e).__name__}: {e}"})
 
 
 RUNS = {"step": run_step, "train": run_train}

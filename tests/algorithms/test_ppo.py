@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification
 
 from fastalign.algorithms import LengthSampler, PPOConfig, PPOTrainer
 from fastalign.data import Sequence, pack
@@ -431,7 +430,6 @@ def digit_reward(queries, responses):
 
 
 def test_train_logs_trl_stats_and_saves_a_value_head_model(tmp_path):
-    t = trainer(tmp_path, model=small(), dataset=None, max_steps=2) if False else None
     t = PPOTrainer(PPOConfig(batch_size=8, mini_batch_size=4, ppo_epochs=1, max_steps=2, output_dir=str(tmp_path),
                              disable_tqdm=True), small(), tokenizer=char_tokenizer(), dataset=rows())
     out = t.train(digit_reward, {"max_new_tokens": 4})

@@ -223,8 +223,9 @@ class Rollout:
         cu = self.cu.tolist()
         return torch.cat([torch.arange(cu[i], cu[i + 1]) for i in samples]).to(self.cu.device)
 
-    def padded(self, flat: torch.Tensor) -> torch.Tensor:
-        """``flat [M]`` as ``[B, longest response]``, zeros after each response."""
+    def padded(self, flat: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """``flat [M]`` as ``[B, longest response]`` (zeros after each response), and the
+        ``(rows, cols)`` index that reads the flat layout back out of it."""
         lengths = (self.cu[1:] - self.cu[:-1]).long()
         rows = torch.repeat_interleave(torch.arange(len(lengths), device=flat.device), lengths.to(flat.device))
         cols = torch.arange(flat.numel(), device=flat.device) - self.cu[:-1].long().to(flat.device)[rows]

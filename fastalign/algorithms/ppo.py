@@ -47,7 +47,7 @@ from fastalign.engine import Engine, TrainingConfig, distributed
 from fastalign.engine.engine import adamw
 from fastalign.engine.metrics import MetricsLogger
 from fastalign.engine.trainer import Checkpointing, peak_memory_gb
-from fastalign.kernels import linear_logprobs, segment_sum
+from fastalign.kernels import segment_sum
 from fastalign.kernels.gae import compute_advantages
 from fastalign.kernels.kl import compute_rewards_packed, kl_penalty
 from fastalign.kernels.ppo import ppo_loss
@@ -55,6 +55,7 @@ from fastalign.kernels.rl import AdaptiveKLController, FixedKLController, Runnin
 from fastalign.models import (
     CausalLMWithValueHead,
     gathered,
+    head_logprobs,
     lm_head,
     load_model,
     load_reward_model,
@@ -217,6 +218,11 @@ class Rollout:
     non_score_rewards: torch.Tensor | None = None
     advantages: torch.Tensor | None = None
     returns: torch.Tensor | None = None
+
+    def units(self) -> list[list[Sequence]]:
+        """Each sample as a packing unit: query+response, the loss at the response tokens."""
+        return [[Sequence(torch.cat([q, a]).tolist(), [False] * len(q) + [True] * len(a))]
+                for q, a in zip(self.queries, self.responses)]
 
     def positions(self, samples) -> torch.Tensor:
         """Flat positions of ``samples``' response tokens, in that order."""
@@ -475,19 +481,13 @@ class PPOTrainer(Checkpointing):
     def _policy_outputs(self, batch, pos):
         """Policy log-probs, values and hidden states at ``pos`` (run inside the engine's forward)."""
         hidden = packed_hidden(self.model, batch)[pos]
-        weight, bias = lm_head(self.model)
-        with gathered(weight, bias):
-            logp = linear_logprobs(hidden, weight, batch.labels[pos], bias)
-        return logp, self.model.v_head(hidden).float(), hidden
+        return head_logprobs(self.model, hidden, batch.labels[pos]), self.model.v_head(hidden).float(), hidden
 
     def _reference_outputs(self, batch, pos):
         model = self.ref_model if self.ref_model is not None else self.model.pretrained_model
         with self._reference_context():
             hidden = packed_hidden(model, batch)[pos]
-            weight, bias = lm_head(model)
-            with gathered(weight, bias):
-                logp = linear_logprobs(hidden, weight, batch.labels[pos], bias)
-        return logp, hidden, model
+            return head_logprobs(model, hidden, batch.labels[pos]), hidden, model
 
     @torch.no_grad()
     def _rollout(self, queries, responses, response_masks) -> Rollout:
@@ -500,9 +500,8 @@ class PPOTrainer(Checkpointing):
         cu[1:] = torch.tensor(lengths).cumsum(0)
         m = int(cu[-1])
         flat = {k: torch.zeros(m, dtype=torch.float32, device=device) for k in ("logp", "ref", "values", "kls")}
-        units = [[Sequence(torch.cat([q, r]).tolist(), [False] * len(q) + [True] * len(r))]
-                 for q, r in zip(queries, responses)]
         rollout = Rollout(list(queries), list(responses), cu.to(device), torch.ones(m, device=device), None, None, None)
+        units = rollout.units()
         full = self.config.kl_penalty == "full"
         was = self.model.training
         self.model.eval()
@@ -512,7 +511,7 @@ class PPOTrainer(Checkpointing):
                 with self.engine.autocast():
                     logp, values, hidden = self.engine.forward(self._policy_outputs, batch, pos)
                     ref_logp, ref_hidden, ref = self._reference_outputs(batch, pos)
-                    kls = _full_kl(self.model, hidden, ref, ref_hidden, self._reference_context) if full else None
+                    kls = _full_kl(self.model, hidden, ref, ref_hidden) if full else None
                 if not samples:
                     continue
                 dest = rollout.positions(samples)
@@ -597,9 +596,7 @@ class PPOTrainer(Checkpointing):
         """The PPO loss of one packed mini-batch (run inside the engine's forward)."""
         pos = (batch.labels != IGNORE_INDEX).nonzero()[:, 0]
         hidden = packed_hidden(self.model, batch)[pos]
-        weight, bias = lm_head(self.model)
-        with gathered(weight, bias):
-            logp, entropy = linear_logprobs(hidden, weight, batch.labels[pos], bias, return_entropy=True)
+        logp, entropy = head_logprobs(self.model, hidden, batch.labels[pos], return_entropy=True)
         vpred = self.model.v_head(hidden).float()
         c = self.config
         row = lambda t: t.unsqueeze(0)  # noqa: E731  one packed row: masked means over all its tokens
@@ -611,8 +608,7 @@ class PPOTrainer(Checkpointing):
     def _optimize(self, r: Rollout) -> tuple[list[dict], int]:
         """``ppo_epochs`` passes of shuffled mini-batches; ``(stats per mini-batch, passes run)``."""
         c = self.config
-        units = [[Sequence(torch.cat([q, a]).tolist(), [False] * len(q) + [True] * len(a))]
-                 for q, a in zip(r.queries, r.responses)]
+        units = r.units()
         scale = 1.0 / (c.gradient_accumulation_steps * self.world_size)  # engine.backward: x world_size
         all_stats, epochs = [], 0
         self.model.eval()  # as in TRL 0.7.10, whose forwards all run with dropout off
@@ -680,10 +676,8 @@ class PPOTrainer(Checkpointing):
         scalars = {
             "objective/kl": kl_per_sample.mean(), "objective/entropy": entropy.mean(),
             "ppo/mean_non_score_reward": masked_mean(r.non_score_rewards, mask),
-            "ppo/mean_scores": r.scores.mean(), "ppo/std_scores": r.scores.std() if len(r.scores) > 1 else 0.0,
-            "tokens/queries_len_mean": q_len.mean(), "tokens/queries_len_std": q_len.std() if len(q_len) > 1 else 0.0,
-            "tokens/responses_len_mean": a_len.mean(),
-            "tokens/responses_len_std": a_len.std() if len(a_len) > 1 else 0.0,
+            "tokens/queries_len_mean": q_len.mean(), "tokens/queries_len_std": _std(q_len),
+            "tokens/responses_len_mean": a_len.mean(), "tokens/responses_len_std": _std(a_len),
         }
         for key in mini_stats[0]:
             if key not in ("policy/advantages", "policy/ratio"):
@@ -691,15 +685,15 @@ class PPOTrainer(Checkpointing):
         names = sorted(scalars)
         values = distributed.all_reduce_sum([float(scalars[k]) for k in names], self.engine.device)
         stats = {k: v / self.world_size for k, v in zip(names, values)}
-        if self.world_size > 1:  # scores: statistics of everyone's (raw: gathered already)
-            scaled = torch.tensor(distributed.all_gather_floats(r.scores.tolist(), self.engine.device))
-            stats["ppo/mean_scores"], stats["ppo/std_scores"] = float(scaled.mean()), float(scaled.std())
+        # Scores: statistics over every process's (the raw ones come gathered already).
+        scaled = torch.tensor(distributed.all_gather_floats(r.scores.tolist(), self.engine.device))
+        stats["ppo/mean_scores"], stats["ppo/std_scores"] = float(scaled.mean()), _std(scaled)
         stats["ppo/val/var_explained"] = 1 - stats["ppo/val/error"] / stats["ppo/returns/var"]
         stats["objective/kl_coef"] = self.kl_ctl.value
         stats["ppo/learning_rate"] = self.optimizer.param_groups[0]["lr"]
         stats["ppo/epochs"] = epochs
         stats["env/reward_mean"] = float(raw.mean())
-        stats["env/reward_std"] = float(raw.std()) if len(raw) > 1 else 0.0
+        stats["env/reward_std"] = _std(raw)
         if stats["objective/kl"] < -1.0:
             warnings.warn(f"the KL estimate is negative ({stats['objective/kl']:.2f}): sampling is probably not from "
                           "the policy (check the generation kwargs: no top_k/top_p/min_length truncation)", stacklevel=3)
@@ -776,12 +770,11 @@ class PPOTrainer(Checkpointing):
         self.current_step = ppo["current_step"]
 
 
-def _full_kl(policy, hidden, ref, ref_hidden, ref_context, chunk: int = 256) -> torch.Tensor:
+def _full_kl(policy, hidden, ref, ref_hidden, chunk: int = 256) -> torch.Tensor:
     """Exact KL(policy || reference) over the vocabulary at each row of ``hidden`` (fp32 ``[M]``),
     the logits of ``chunk`` tokens at a time."""
     w, b = lm_head(policy)
-    with ref_context():
-        rw, rb = lm_head(ref)
+    rw, rb = lm_head(ref)
     out = []
     with gathered(w, b), gathered(rw, rb):
         for s in range(0, hidden.shape[0], chunk):
@@ -789,6 +782,11 @@ def _full_kl(policy, hidden, ref, ref_hidden, ref_context, chunk: int = 256) -> 
             y = torch.nn.functional.linear(ref_hidden[s:s + chunk], rw, rb)
             out.append(kl_penalty(x, y, "full"))
     return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def _std(x: torch.Tensor) -> float:
+    """Unbiased standard deviation; 0 for a single value."""
+    return float(x.std()) if x.numel() > 1 else 0.0
 
 
 @contextlib.contextmanager

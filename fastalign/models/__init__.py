@@ -12,6 +12,7 @@ from .loading import (
 from .packed import (
     body,
     gathered,
+    head_logprobs,
     lm_head,
     packed_hidden,
     packed_logprobs,
@@ -24,5 +25,5 @@ from .value_head import CausalLMWithValueHead, packed_logprobs_and_values
 __all__ = [
     "BUILTIN", "attention_backend", "body", "lm_head", "load_model", "load_tokenizer", "packed_hidden", "packed_logprobs",
     "CausalLMWithValueHead", "packed_logprobs_and_values",
-    "as_reward_model", "load_reward_model", "prepare_model", "gathered", "packed_scores", "score_head", "sequence_logprobs",
+    "as_reward_model", "load_reward_model", "prepare_model", "gathered", "head_logprobs", "packed_scores", "score_head", "sequence_logprobs",
 ]

@@ -65,6 +65,16 @@ def gathered(*params):
     return deepspeed.zero.GatheredParameters(sharded, modifier_rank=None)
 
 
+def head_logprobs(model, hidden: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+                  return_entropy: bool = False):
+    """fp32 log-prob of each label from rows of final hidden states, through the model's lm_head
+    (fused ``linear_logprobs``, the weight gathered under ZeRO-3); with ``return_entropy`` also
+    each row's entropy."""
+    weight, bias = lm_head(model)
+    with gathered(weight, bias):
+        return linear_logprobs(hidden, weight, labels, bias, temperature=temperature, return_entropy=return_entropy)
+
+
 def packed_logprobs(model, batch: PackedBatch, temperature: float = 1.0, hidden: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 log-prob of each token's label ``[N]``, 0 where no loss is taken.
 
@@ -72,10 +82,8 @@ def packed_logprobs(model, batch: PackedBatch, temperature: float = 1.0, hidden:
     final hidden states, when the caller already has them) saves the body call.
     """
     hidden = packed_hidden(model, batch) if hidden is None else hidden
-    weight, bias = lm_head(model)
     pos = (batch.labels != IGNORE_INDEX).nonzero()[:, 0]
-    with gathered(weight, bias):
-        logp = linear_logprobs(hidden[pos], weight, batch.labels[pos], bias, temperature=temperature)
+    logp = head_logprobs(model, hidden[pos], batch.labels[pos], temperature)
     return torch.zeros(batch.num_tokens, dtype=torch.float32, device=hidden.device).index_put((pos,), logp)
 
 

@@ -50,7 +50,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import resolve_backend
 from .logprobs import RowOptions, as_rows, make_options
 
 KINDS = ("kl", "abs", "mse", "k3", "full")

@@ -35,7 +35,10 @@ class MetricsLogger:
     """Writes metrics on the main process only; other processes get a silent logger."""
 
     def __init__(self, output_dir, total_steps: int, start_step: int = 0, report_to=(), enabled=True,
-                 show_bar=True, bar_keys=BAR_KEYS):
+                 show_bar=True, bar_keys=BAR_KEYS, bar_initial: int | None = None, bar_desc: str = "train",
+                 bar_unit: str = "step"):
+        """The bar counts ``total_steps`` from ``bar_initial`` (default ``start_step``) in ``bar_unit``;
+        a resumed run (``start_step`` > 0) keeps the records of ``metrics.jsonl`` up to its step."""
         self.enabled = enabled
         self.bar_keys = bar_keys
         self.bar = None
@@ -56,7 +59,8 @@ class MetricsLogger:
                 raise ImportError("report_to=['tensorboard'] needs tensorboard: pip install 'fastalign[tensorboard]'") from err
             self.writer = SummaryWriter(log_dir=str(root / "tensorboard"))
         if show_bar:
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+            initial = start_step if bar_initial is None else bar_initial
+            self.bar = tqdm(total=total_steps, initial=initial, desc=bar_desc, unit=bar_unit, dynamic_ncols=True)
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:

@@ -1,0 +1,574 @@
+"""DDPO: reinforcement learning for a Stable Diffusion pipeline's UNet (Black et al. 2023,
+"Training Diffusion Models with Reinforcement Learning", arXiv:2305.13301).
+
+Each epoch has two phases.
+
+1. Sampling. ``sample_num_batches_per_epoch`` batches of ``sample_batch_size`` prompts from
+   ``prompt_function() -> (prompt, metadata)`` are denoised with DDIM over ``sample_num_steps``
+   steps at ``sample_eta`` (> 0, so each step is a Gaussian policy action) and classifier-free
+   guidance ``sample_guidance_scale``, recording every step's latent before and after and its
+   log-probability (:func:`fastalign.kernels.ddpo.ddim_step_with_logprob`). The VAE decodes the
+   final latents to images in ``[0, 1]``, and ``reward_function(images, prompts, metadata) ->
+   (rewards, reward_metadata)`` scores them (in a thread pool with ``async_reward_computation``).
+   Advantages are the rewards normalised over the epoch's samples, or per prompt with
+   ``per_prompt_stat_tracking`` (:class:`fastalign.kernels.rl.PerPromptStatTracker`).
+2. Training. ``train_num_inner_epochs`` passes over the samples, shuffled, each sample's
+   timesteps in its own random order, of which the first ``train_timestep_fraction`` are trained.
+   Per batch of ``train_batch_size`` samples and per trained timestep, the UNet recomputes the
+   step's log-probability of the recorded next latent and the clipped loss
+   (:func:`fastalign.kernels.ddpo.ddpo_loss`) on ``ratio = exp(new - old)``. The optimizer steps
+   once every ``train_gradient_accumulation_steps`` batches, all their timesteps accumulated (the
+   loss is their mean). Each optimizer step logs ``loss``, ``approx_kl`` (half the mean squared
+   log-ratio), ``clipfrac``, ``grad_norm`` and ``lr``, the first of an epoch also its samples'
+   ``reward_mean`` and ``reward_std``.
+
+The text encoder and VAE are frozen; the UNet is trained, or LoRA adapters on its attention
+projections (``use_lora``, rank 4). With ``mixed_precision`` ``"fp16"``/``"bf16"`` the frozen
+weights are cast to that type and the forwards run under autocast; trained weights stay fp32.
+
+Names, defaults and the math follow TRL 0.7.10's ``DDPOConfig``/``DDPOTrainer``. Differences:
+
+- the pipeline is any diffusers ``StableDiffusionPipeline`` (or its name or path), its scheduler
+  replaced by a ``DDIMScheduler`` with the same configuration; LoRA goes through diffusers' PEFT
+  integration;
+- sampling draws its noise from the trainer's own seeded generator, saved in checkpoints, so a
+  resumed run samples exactly what an uninterrupted one would;
+- sampling and training always compute the same policy: guided (classifier-free guidance at
+  ``sample_guidance_scale``) when ``train_cfg`` and the scale is not 1, else unguided;
+  ``train_cfg=False`` with a scale above 1 is refused (samples drawn with guidance would be
+  trained without it, every ratio off from the start);
+- ``mixed_precision="fp16"`` (the default) falls back to fp32 on a CPU, with a warning;
+- one process (no multi-device data parallelism yet).
+
+Checkpoints (``output_dir/checkpoint-STEP``, every ``save_freq`` epochs, ``num_checkpoint_limit``
+kept) hold the trained weights (the UNet, or only its adapters), the optimizer, the epoch, the
+per-prompt statistics and every random state; ``resume_from`` (a checkpoint folder, or ``True``
+for the latest in ``output_dir``) continues from one. The final save writes the whole pipeline
+in diffusers format, or only the LoRA weights (``pytorch_lora_weights.safetensors``, for
+``pipeline.load_lora_weights``).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import math
+import time
+import warnings
+from collections import defaultdict, deque
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import set_seed
+
+from fastalign.engine import TrainingConfig
+from fastalign.engine import checkpoint as ckpt
+from fastalign.engine import distributed
+from fastalign.engine.engine import Engine
+from fastalign.engine.metrics import MetricsLogger
+from fastalign.engine.trainer import Checkpointing
+from fastalign.kernels.ddpo import ddim_step_with_logprob, ddpo_loss
+from fastalign.kernels.rl import PerPromptStatTracker
+
+PRECISIONS = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+LORA_FILE = "pytorch_lora_weights.safetensors"
+BAR_KEYS = ("reward_mean", "approx_kl", "clipfrac")
+# Each sample's tensors, indexed [sample, ...]; the per-timestep ones are [sample, step, ...].
+PER_STEP = ("timesteps", "latents", "next_latents", "log_probs")
+
+
+@dataclass
+class DDPOConfig:
+    """TRL 0.7.10's ``DDPOConfig`` options (same names and defaults), plus fastalign's run options.
+
+    An epoch samples ``sample_batch_size x sample_num_batches_per_epoch`` images; an optimizer
+    step covers ``train_batch_size x train_gradient_accumulation_steps`` of them, each at
+    ``int(sample_num_steps x train_timestep_fraction)`` timesteps.
+    """
+
+    output_dir: str = "runs/ddpo"
+    seed: int = 0
+    num_epochs: int = 100
+    save_freq: int = 1  # epochs between checkpoints
+    num_checkpoint_limit: int = 5
+    mixed_precision: str = "fp16"  # "no", "fp16" or "bf16"
+    allow_tf32: bool = True
+    resume_from: str | bool = ""  # a checkpoint folder, or True: the latest in output_dir
+    # Sampling.
+    sample_num_steps: int = 50
+    sample_eta: float = 1.0
+    sample_guidance_scale: float = 5.0
+    sample_batch_size: int = 1
+    sample_num_batches_per_epoch: int = 2
+    negative_prompts: str = ""
+    # Training.
+    train_batch_size: int = 1
+    train_learning_rate: float = 3e-4
+    train_adam_beta1: float = 0.9
+    train_adam_beta2: float = 0.999
+    train_adam_weight_decay: float = 1e-4
+    train_adam_epsilon: float = 1e-8
+    train_gradient_accumulation_steps: int = 1
+    train_max_grad_norm: float = 1.0
+    train_num_inner_epochs: int = 1
+    train_cfg: bool = True
+    train_adv_clip_max: float = 5.0
+    train_clip_range: float = 1e-4
+    train_timestep_fraction: float = 1.0
+    # Advantages.
+    per_prompt_stat_tracking: bool = False
+    per_prompt_stat_tracking_buffer_size: int = 16
+    per_prompt_stat_tracking_min_count: int = 16
+    # Rewards.
+    async_reward_computation: bool = False
+    max_workers: int = 2
+    # The trained weights.
+    use_lora: bool = True
+    lora_rank: int = 4
+    # Logging.
+    report_to: tuple = ()
+    disable_tqdm: bool = False
+
+    def __post_init__(self):
+        if self.mixed_precision not in PRECISIONS:
+            raise ValueError(f"mixed_precision must be one of {sorted(PRECISIONS)}, got {self.mixed_precision!r}")
+        checks = {
+            "num_epochs": self.num_epochs >= 1, "save_freq": self.save_freq >= 1,
+            "sample_num_steps": self.sample_num_steps >= 1, "sample_eta": self.sample_eta > 0,
+            "sample_batch_size": self.sample_batch_size >= 1, "sample_num_batches_per_epoch": self.sample_num_batches_per_epoch >= 1,
+            "train_batch_size": self.train_batch_size >= 1, "train_learning_rate": self.train_learning_rate >= 0,
+            "train_gradient_accumulation_steps": self.train_gradient_accumulation_steps >= 1,
+            "train_num_inner_epochs": self.train_num_inner_epochs >= 1, "train_clip_range": self.train_clip_range > 0,
+            "train_adv_clip_max": self.train_adv_clip_max > 0,
+            "train_timestep_fraction": 0 < self.train_timestep_fraction <= 1 and self.num_train_timesteps >= 1,
+            "lora_rank": self.lora_rank >= 1, "max_workers": self.max_workers >= 1,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError("invalid " + ", ".join(f"{n}={getattr(self, n)!r}" for n in bad))
+        if self.sample_batch_size % self.train_batch_size:
+            raise ValueError(f"sample_batch_size ({self.sample_batch_size}) must be a multiple of train_batch_size "
+                             f"({self.train_batch_size})")
+        if self.samples_per_epoch % self.samples_per_optimizer_step:
+            raise ValueError(
+                f"an epoch's {self.samples_per_epoch} samples (sample_batch_size x sample_num_batches_per_epoch) must "
+                f"be a multiple of the {self.samples_per_optimizer_step} of an optimizer step (train_batch_size x "
+                "train_gradient_accumulation_steps)")
+        if not self.train_cfg and self.sample_guidance_scale > 1:
+            raise ValueError(f"train_cfg=False with sample_guidance_scale={self.sample_guidance_scale}: samples drawn "
+                             "with guidance would be trained without it; set train_cfg=True or the scale to 1")
+        if isinstance(self.report_to, str):
+            self.report_to = () if self.report_to in ("none", "") else (self.report_to,)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.sample_num_steps * self.train_timestep_fraction)
+
+    @property
+    def samples_per_epoch(self) -> int:
+        return self.sample_batch_size * self.sample_num_batches_per_epoch
+
+    @property
+    def samples_per_optimizer_step(self) -> int:
+        return self.train_batch_size * self.train_gradient_accumulation_steps
+
+    @property
+    def optimizer_steps_per_epoch(self) -> int:
+        return self.train_num_inner_epochs * self.samples_per_epoch // self.samples_per_optimizer_step
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _TrainedWeights(torch.nn.Module):
+    """What a checkpoint holds of the pipeline: the UNet, or only its LoRA adapters."""
+
+    def __init__(self, unet, lora: bool):
+        super().__init__()
+        self.unet, self.lora = unet, lora
+
+    def save_pretrained(self, folder, safe_serialization=True, state_dict=None):
+        from safetensors.torch import save_file
+
+        state = self._state()
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(Path(folder) / "unet.safetensors"))
+
+    def load_saved_weights(self, folder):
+        from safetensors.torch import load_file
+
+        state = load_file(str(Path(folder) / "unet.safetensors"))
+        if self.lora:
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(self.unet, state)
+        else:
+            self.unet.load_state_dict(state)
+
+    def _state(self) -> dict:
+        if self.lora:
+            from peft import get_peft_model_state_dict
+
+            return get_peft_model_state_dict(self.unet)
+        return self.unet.state_dict()
+
+
+class DDPOTrainer(Checkpointing):
+    """DDPO on a Stable Diffusion pipeline (TRL 0.7.10's interface).
+
+    ``reward_function(images, prompts, metadata) -> (rewards, reward_metadata)`` (or just the
+    rewards): ``images`` a float tensor ``[B, 3, H, W]`` in ``[0, 1]``, one reward per image.
+    ``prompt_function() -> (prompt, metadata)``. ``sd_pipeline``: a diffusers
+    ``StableDiffusionPipeline`` or a name or path to load one from. ``image_samples_hook(
+    prompt_image_data, global_step, logger)``, if given, is called once per epoch with
+    ``[[images, prompts, metadata, rewards, reward_metadata]]`` of the epoch's last sampled batch.
+    """
+
+    def __init__(self, config: DDPOConfig | None = None, reward_function=None, prompt_function=None,
+                 sd_pipeline=None, image_samples_hook=None):
+        if reward_function is None or prompt_function is None or sd_pipeline is None:
+            raise ValueError("DDPOTrainer needs a reward_function, a prompt_function and an sd_pipeline")
+        if distributed.world_size() > 1:
+            raise NotImplementedError("DDPOTrainer runs on one process; launch it without torchrun/deepspeed")
+        self.config = c = config or DDPOConfig()
+        set_seed(c.seed)
+        self.reward_fn, self.prompt_fn, self.image_samples_hook = reward_function, prompt_function, image_samples_hook
+        self.pipeline = pipe = _load_pipeline(sd_pipeline)
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        if c.allow_tf32 and device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+        precision = c.mixed_precision
+        if precision == "fp16" and device.type != "cuda":
+            warnings.warn("mixed_precision='fp16' needs CUDA; running in fp32 on the CPU", stacklevel=2)
+            precision = "no"
+        self.precision = PRECISIONS[precision]
+        frozen_dtype = self.precision or torch.float32
+        pipe.vae.requires_grad_(False).to(device, frozen_dtype).eval()
+        pipe.text_encoder.requires_grad_(False).to(device, frozen_dtype).eval()
+        unet = pipe.unet
+        if c.use_lora:
+            from peft import LoraConfig
+
+            unet.requires_grad_(False).to(device, frozen_dtype)
+            unet.add_adapter(LoraConfig(r=c.lora_rank, lora_alpha=c.lora_rank, init_lora_weights="gaussian",
+                                        target_modules=LORA_TARGETS))
+            for p in unet.parameters():  # the adapters train in fp32
+                if p.requires_grad:
+                    p.data = p.data.float()
+        else:
+            unet.requires_grad_(True).float()
+        self.unet = unet
+        self.trainable = [p for p in unet.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(self.trainable, lr=c.train_learning_rate, betas=(c.train_adam_beta1, c.train_adam_beta2),
+                                      weight_decay=c.train_adam_weight_decay, eps=c.train_adam_epsilon)
+        self.args = TrainingConfig(output_dir=c.output_dir, seed=c.seed, learning_rate=c.train_learning_rate,
+                                   max_grad_norm=c.train_max_grad_norm, save_total_limit=c.num_checkpoint_limit,
+                                   resume_from_checkpoint=c.resume_from or None, disable_tqdm=c.disable_tqdm)
+        self.engine = Engine(unet, self.args, 1, optimizer,
+                             torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0))
+        self.device = self.engine.device
+        self.optimizer = self.engine.optimizer
+        self.model = _TrainedWeights(unet, c.use_lora)  # what checkpoints save and load
+        self.tokenizer = None
+        self.stat_tracker = (PerPromptStatTracker(c.per_prompt_stat_tracking_buffer_size, c.per_prompt_stat_tracking_min_count)
+                             if c.per_prompt_stat_tracking else None)
+        self.generator = torch.Generator(self.device).manual_seed(c.seed)  # sampling noise
+        self.perm_generator = torch.Generator().manual_seed(c.seed + 1)  # shuffles
+        self.executor = concurrent.futures.ThreadPoolExecutor(c.max_workers) if c.async_reward_computation else None
+        self.first_epoch = self.global_step = 0
+        self.logger = None
+        with torch.no_grad():
+            self.negative_embeds = self._encode([c.negative_prompts])
+
+    # ---- sampling ------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.precision is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.precision)
+
+    def _encode(self, prompts) -> torch.Tensor:
+        tok = self.pipeline.tokenizer
+        ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids.to(self.device)
+        return self.pipeline.text_encoder(ids)[0]
+
+    @property
+    def guided(self) -> bool:
+        """Whether sampling and training both use classifier-free guidance (at scale 1 it is the
+        conditional prediction itself, so it is skipped)."""
+        return self.config.train_cfg and self.config.sample_guidance_scale != 1.0
+
+    def _unet(self, latents, timesteps, embeds, negative) -> torch.Tensor:
+        """The UNet's noise prediction; when ``guided``, the unconditional and conditional ones
+        in one batch, combined as ``uncond + scale x (cond - uncond)``."""
+        if not self.guided:
+            return self.unet(latents, timesteps, embeds).sample
+        out = self.unet(torch.cat([latents, latents]), torch.cat([timesteps, timesteps]),
+                        torch.cat([negative, embeds])).sample
+        uncond, cond = out.chunk(2)
+        return uncond + self.config.sample_guidance_scale * (cond - uncond)
+
+    @torch.no_grad()
+    def sample(self, prompts) -> tuple[dict, torch.Tensor]:
+        """Denoise one batch of prompts: the recorded trajectory (a dict of ``[B, ...]`` tensors)
+        and the decoded images ``[B, 3, H, W]`` in ``[0, 1]``."""
+        c, pipe = self.config, self.pipeline
+        self.unet.eval()
+        scheduler = pipe.scheduler
+        scheduler.set_timesteps(c.sample_num_steps, device=self.device)
+        n = len(prompts)
+        with self._autocast():
+            embeds = self._encode(prompts)
+        negative = self.negative_embeds.expand(n, -1, -1)
+        size = pipe.unet.config.sample_size
+        latents = torch.randn((n, pipe.unet.config.in_channels, size, size), generator=self.generator,
+                              device=self.device) * scheduler.init_noise_sigma
+        trajectory, log_probs = [latents], []
+        for t in scheduler.timesteps:
+            step_t = torch.full((n,), int(t), device=self.device, dtype=torch.long)
+            with self._autocast():
+                noise = self._unet(scheduler.scale_model_input(latents, t), step_t, embeds, negative)
+            latents, log_prob = ddim_step_with_logprob(scheduler, noise.float(), step_t, latents, eta=c.sample_eta,
+                                                       generator=self.generator)
+            trajectory.append(latents)
+            log_probs.append(log_prob)
+        with self._autocast():
+            images = pipe.vae.decode(latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor).sample
+        images = (images.float() / 2 + 0.5).clamp(0, 1)
+        trajectory = torch.stack(trajectory, dim=1)  # [B, steps + 1, C, h, w]
+        samples = {
+            "prompt_embeds": embeds, "negative_prompt_embeds": negative,
+            "timesteps": scheduler.timesteps.to(self.device).long().repeat(n, 1),
+            "latents": trajectory[:, :-1], "next_latents": trajectory[:, 1:],
+            "log_probs": torch.stack(log_probs, dim=1),
+        }
+        return samples, images
+
+    @torch.no_grad()
+    def generate(self, prompts, seed: int = 0) -> torch.Tensor:
+        """Images ``[B, 3, H, W]`` in ``[0, 1]`` for ``prompts``, sampled as in training but from
+        their own seeded noise (the training run's sampling is left untouched): a fixed set of
+        prompts and a seed compare a policy before and after training."""
+        own, self.generator = self.generator, torch.Generator(self.device).manual_seed(seed)
+        try:
+            return self.sample(list(prompts))[1].cpu()
+        finally:
+            self.generator = own
+
+    def _rewards(self, images, prompts, metadata):
+        out = self.reward_fn(images, list(prompts), list(metadata))
+        rewards, reward_metadata = out if isinstance(out, tuple) else (out, {})
+        rewards = torch.as_tensor(np.asarray(rewards, dtype=np.float64) if not isinstance(rewards, torch.Tensor)
+                                  else rewards.detach().cpu()).double().flatten()
+        if rewards.numel() != len(prompts):
+            raise ValueError(f"reward_function returned {rewards.numel()} rewards for {len(prompts)} images")
+        bad = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(f"reward_function returned a non-finite reward for image {bad[0]} "
+                             f"(prompt {prompts[bad[0]]!r}): {rewards[bad[0]].item()}")
+        return rewards, reward_metadata
+
+    def _sample_epoch(self):
+        """Every batch of the epoch: samples concatenated, rewards, and the last batch's images."""
+        c = self.config
+        batches, pending = [], []
+        for _ in range(c.sample_num_batches_per_epoch):
+            drawn = [self.prompt_fn() for _ in range(c.sample_batch_size)]
+            prompts = [p for p, _ in drawn]
+            metadata = [m for _, m in drawn]
+            samples, images = self.sample(prompts)
+            images = images.cpu()
+            if self.executor is not None:
+                pending.append(self.executor.submit(self._rewards, images, prompts, metadata))
+            else:
+                pending.append(self._rewards(images, prompts, metadata))
+            batches.append((samples, images, prompts, metadata))
+        results = [r.result() if isinstance(r, concurrent.futures.Future) else r for r in pending]
+        samples = {k: torch.cat([b[0][k] for b in batches]) for k in batches[0][0]}
+        rewards = torch.cat([r for r, _ in results])
+        prompts = [p for b in batches for p in b[2]]
+        images, last_prompts, last_metadata = batches[-1][1], batches[-1][2], batches[-1][3]
+        last = [images, last_prompts, last_metadata, results[-1][0], results[-1][1]]
+        return samples, rewards, prompts, last
+
+    def _advantages(self, rewards: torch.Tensor, prompts) -> torch.Tensor:
+        if self.stat_tracker is not None:
+            return torch.as_tensor(self.stat_tracker.update(np.asarray(prompts), rewards.numpy()))
+        r = rewards.numpy()
+        return torch.as_tensor((r - r.mean()) / (r.std() + 1e-8))
+
+    # ---- training ------------------------------------------------------------------------------
+    def _step_loss(self, batch: dict, j: int):
+        """The clipped loss of timestep ``j`` of a batch, with approx_kl and clipfrac."""
+        c = self.config
+        with self._autocast():
+            noise = self._unet(batch["latents"][:, j], batch["timesteps"][:, j], batch["prompt_embeds"],
+                               batch["negative_prompt_embeds"])
+        _, log_prob = ddim_step_with_logprob(self.pipeline.scheduler, noise.float(), batch["timesteps"][:, j],
+                                             batch["latents"][:, j], eta=c.sample_eta,
+                                             prev_sample=batch["next_latents"][:, j])
+        log_ratio = log_prob - batch["log_probs"][:, j]
+        ratio = log_ratio.exp()
+        loss = ddpo_loss(batch["advantages"], ratio, c.train_clip_range, c.train_adv_clip_max)
+        approx_kl = 0.5 * (log_ratio.detach() ** 2).mean()
+        clipfrac = ((ratio.detach() - 1).abs() > c.train_clip_range).float().mean()
+        return loss, approx_kl, clipfrac
+
+    def _shuffled(self, samples: dict) -> dict:
+        """Samples in a random order, each one's timesteps in their own random order."""
+        n, steps = samples["timesteps"].shape
+        order = torch.randperm(n, generator=self.perm_generator).to(self.device)
+        out = {k: v[order] for k, v in samples.items()}
+        perms = torch.stack([torch.randperm(steps, generator=self.perm_generator) for _ in range(n)]).to(self.device)
+        rows = torch.arange(n, device=self.device)[:, None]
+        for key in PER_STEP:
+            out[key] = out[key][rows, perms]
+        return out
+
+    def _train_epoch(self, samples: dict, epoch: int) -> list[dict]:
+        c = self.config
+        per_step = c.train_gradient_accumulation_steps * c.num_train_timesteps
+        records = []
+        for inner in range(c.train_num_inner_epochs):
+            shuffled = self._shuffled(samples)
+            self.unet.train()
+            sums, parts = defaultdict(float), 0
+            for start in range(0, c.samples_per_epoch, c.train_batch_size):
+                batch = {k: v[start:start + c.train_batch_size] for k, v in shuffled.items()}
+                for j in range(c.num_train_timesteps):
+                    loss, approx_kl, clipfrac = self._step_loss(batch, j)
+                    self.engine.backward(loss / per_step)
+                    for key, value in (("loss", loss), ("approx_kl", approx_kl), ("clipfrac", clipfrac)):
+                        sums[key] += float(value.detach()) / per_step
+                    parts += 1
+                if parts == per_step:
+                    grad_norm = self.engine.step()
+                    self.global_step += 1
+                    records.append({**sums, "grad_norm": grad_norm, "lr": self.engine.lr, "epoch": epoch,
+                                    "inner_epoch": inner})
+                    sums, parts = defaultdict(float), 0
+            if parts:  # DDPOConfig's checks make every optimizer step whole
+                raise RuntimeError("an optimizer step was left incomplete at the end of the samples")
+        return records
+
+    def step(self, epoch: int, global_step: int) -> int:
+        """One epoch: sample, score, train. Returns the global (optimizer) step after it."""
+        self.global_step = global_step
+        t0 = time.perf_counter()
+        samples, rewards, prompts, last = self._sample_epoch()
+        t1 = time.perf_counter()
+        samples["advantages"] = self._advantages(rewards, prompts).to(self.device, torch.float32)
+        sampled = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std(unbiased=False)),
+                   "epoch": epoch, "time/sampling": t1 - t0}
+        if self.image_samples_hook is not None:
+            self.image_samples_hook([last], global_step, self.logger)
+        records = self._train_epoch(samples, epoch)
+        records[0] = {**sampled, **records[0]}  # the epoch's sampling is logged with its first update
+        if self.logger is not None:
+            for offset, record in enumerate(records, start=1):
+                self.logger.log(global_step + offset, record)
+        self.last_stats = {**sampled, **_mean(records), "time/training": time.perf_counter() - t1}
+        return self.global_step
+
+    def train(self, epochs: int | None = None) -> dict:
+        """Run ``epochs`` (default ``num_epochs``) epochs, checkpointing every ``save_freq``, then
+        save the trained weights to ``output_dir``. Returns the last epoch's statistics."""
+        c = self.config
+        total = epochs if epochs is not None else c.num_epochs
+        start = 0
+        if self.args.resume_from_checkpoint:
+            self._resume()
+            start = self.first_epoch
+        steps_done = start * c.optimizer_steps_per_epoch
+        self.logger = MetricsLogger(c.output_dir, total, steps_done, c.report_to, show_bar=not c.disable_tqdm,
+                                    bar_keys=BAR_KEYS, bar_initial=start, bar_desc="ddpo epochs", bar_unit="epoch")
+        began, self.last_stats = time.perf_counter(), {}
+        try:
+            for epoch in range(start, total):
+                self.global_step = self.step(epoch, self.global_step)
+                self.first_epoch = epoch + 1
+                if (epoch + 1) % c.save_freq == 0 and epoch + 1 < total:
+                    self.save_checkpoint()
+                if self.logger.bar is not None:
+                    self.logger.bar.set_postfix({k: f"{self.last_stats[k]:.4g}" for k in BAR_KEYS
+                                                 if k in self.last_stats}, refresh=False)
+                self.logger.advance()
+            self.save_model(c.output_dir)
+        finally:
+            self.logger.close()
+        return {**self.last_stats, "train_runtime": time.perf_counter() - began, "epochs": total - start}
+
+    # ---- saving and checkpoints ----------------------------------------------------------------
+    def save_model(self, output_dir) -> None:
+        """The pipeline in diffusers format, or with LoRA only the adapters (``pytorch_lora_weights
+        .safetensors``, loaded by ``pipeline.load_lora_weights``)."""
+        output_dir = Path(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with ckpt.quiet_transformers():
+            if self.config.use_lora:
+                from diffusers.utils import convert_state_dict_to_diffusers
+                from peft import get_peft_model_state_dict
+
+                layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
+                type(self.pipeline).save_lora_weights(str(output_dir), unet_lora_layers=layers, safe_serialization=True)
+            else:
+                self.pipeline.save_pretrained(str(output_dir), safe_serialization=True)
+
+    def extra_state(self) -> dict:
+        tracker = None
+        if self.stat_tracker is not None:
+            tracker = {k: list(v) for k, v in self.stat_tracker.stats.items()}
+        return {"ddpo": {"epoch": self.first_epoch, "tracker": tracker, "generator": self.generator.get_state(),
+                         "perm": self.perm_generator.get_state()}}
+
+    def load_extra_state(self, state: dict) -> None:
+        ddpo = state["ddpo"]
+        self.first_epoch = ddpo["epoch"]
+        if self.stat_tracker is not None and ddpo["tracker"] is not None:
+            size = self.stat_tracker.buffer_size
+            self.stat_tracker.stats = {k: deque(v, maxlen=size) for k, v in ddpo["tracker"].items()}
+        self.generator.set_state(ddpo["generator"])
+        self.perm_generator.set_state(ddpo["perm"])
+
+
+def _load_pipeline(pipeline):
+    """A ``StableDiffusionPipeline`` (loaded when a name or path) with a DDIM scheduler."""
+    try:
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+    except ImportError as err:
+        raise ImportError("DDPO needs diffusers: pip install 'fastalign[diffusion]'") from err
+    if isinstance(pipeline, (str, Path)):
+        pipeline = StableDiffusionPipeline.from_pretrained(str(pipeline), safety_checker=None)
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        if getattr(pipeline, part, None) is None:
+            raise ValueError(f"the pipeline has no {part}: DDPO needs a Stable Diffusion pipeline")
+    if not isinstance(pipeline.scheduler, DDIMScheduler):
+        pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def _mean(records: list[dict]) -> dict:
+    keys = ("loss", "approx_kl", "clipfrac", "grad_norm")
+    return {k: float(np.mean([r[k] for r in records])) for k in keys if records and k in records[0]} | (
+        {"lr": records[-1]["lr"]} if records else {})
+
+
+def image_grid(images, rows: int | None = None, scale: int = 1):
+    """Images ``[B, 3, H, W]`` in ``[0, 1]`` tiled into one PIL image, ``rows`` rows (default: as
+    square as possible), each pixel repeated ``scale`` times."""
+    from PIL import Image
+
+    images = images.detach().float().clamp(0, 1).cpu()
+    n, _, h, w = images.shape
+    rows = rows or max(1, int(math.sqrt(n)))
+    cols = -(-n // rows)
+    grid = torch.ones(3, rows * (h + 2), cols * (w + 2))
+    for i in range(n):
+        r, col = divmod(i, cols)
+        grid[:, r * (h + 2) + 1:r * (h + 2) + 1 + h, col * (w + 2) + 1:col * (w + 2) + 1 + w] = images[i]
+    array = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    image = Image.fromarray(array)
+    return image.resize((image.width * scale, image.height * scale), Image.NEAREST) if scale > 1 else image

@@ -1,7 +1,7 @@
 """The ``fastalign`` command.
 
     fastalign train ALGO --config FILE [--key value ...]   train from a YAML config
-    fastalign demo [--output-dir DIR]                      the embedded end-to-end demo
+    fastalign demo [--output-dir DIR]                      the embedded end-to-end demo (CPU, ~80 s)
     fastalign plot RUN_DIR                                 PNG curves of a run's metrics
 
 A config is a flat YAML mapping of the algorithm config's field names (``SFTConfig`` for sft,
@@ -32,7 +32,13 @@ RUN_KEYS = {
     "reward_model_name_or_path": "ppo: a reward model (a RewardTrainer's output dir, or a hub name) scoring "
                                  "query+response; it must share the policy's tokenizer",
     "reward_function": "ppo: instead of a reward model, 'sort_digits' (the built-in task's sortedness) or "
-                       "'package.module:function' taking (queries, responses) texts, returning one float each",
+                       "'package.module:function' taking (queries, responses) texts, returning one float each; "
+                       "ddpo: 'jpeg_compressibility', 'jpeg_incompressibility' or 'package.module:function' "
+                       "taking (images, prompts, metadata), returning (rewards, metadata)",
+    "pipeline_name_or_path": "ddpo: a Stable Diffusion pipeline (hub name or local path), or fastalign/tiny-sd "
+                             "(built in, random weights)",
+    "prompt_function": "ddpo: 'animals' (simple animal names) or 'package.module:function' returning "
+                       "(prompt, metadata)",
     "generation_kwargs": "ppo: a mapping of sampling options (max_new_tokens, top_k, top_p, temperature, ...)",
     "num_shared_layers": "ppo: bottom layers the frozen reference shares with the policy (frozen in both)",
     "dataset_name": "a hub name, a data file (.json/.jsonl/.parquet/.csv, .gz ok) or a folder",
@@ -50,6 +56,8 @@ RUN_KEYS = {
 def algorithms() -> dict:
     """Algorithm name -> (Config class, Trainer class)."""
     from fastalign.algorithms import (
+        DDPOConfig,
+        DDPOTrainer,
         DPOConfig,
         DPOTrainer,
         RewardConfig,
@@ -61,12 +69,13 @@ def algorithms() -> dict:
     )
 
     return {"sft": (SFTConfig, SFTTrainer), "reward": (RewardConfig, RewardTrainer), "dpo": (DPOConfig, DPOTrainer),
-            "ppo": (PPOConfig, PPOTrainer)}
+            "ppo": (PPOConfig, PPOTrainer), "ddpo": (DDPOConfig, DDPOTrainer)}
 
 
 # Run keys whose values are names and paths, kept as written.
 _TEXT_RUN_KEYS = {"model_name_or_path", "tokenizer_name_or_path", "ref_model_name_or_path", "dtype", "dataset_name", "dataset_config",
-                  "dataset_train_split", "dataset_test_split", "reward_model_name_or_path", "reward_function"}
+                  "dataset_train_split", "dataset_test_split", "reward_model_name_or_path", "reward_function",
+                  "pipeline_name_or_path", "prompt_function"}
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -150,6 +159,10 @@ def train(algo: str, config_path: str | None, overrides: list[str]) -> dict:
     values = load_config_file(config_path) if config_path else {}
     values.update(parse_overrides(overrides))
     config, run = build_config(config_class, values)
+    if algo == "ddpo":
+        return _train_ddpo(config, run)
+    if any(k in run for k in ("pipeline_name_or_path", "prompt_function")):
+        raise SystemExit(f"fastalign: pipeline_name_or_path and prompt_function are for ddpo, not {algo}")
     if "model_name_or_path" not in run or "dataset_name" not in run:
         raise SystemExit("fastalign: the config needs model_name_or_path and dataset_name")
     name = run["model_name_or_path"]
@@ -198,6 +211,28 @@ def _train_ppo(config, run, model, tokenizer, rows, extra) -> dict:
     return result
 
 
+def _train_ddpo(config, run) -> dict:
+    """DDPO of a Stable Diffusion pipeline: no dataset, prompts come from the prompt function."""
+    from fastalign.algorithms import DDPOTrainer
+    from fastalign.algorithms.ddpo import prompt_function, reward_function
+
+    allowed = {"pipeline_name_or_path", "reward_function", "prompt_function"}
+    extra = sorted(set(run) - allowed)
+    if extra:
+        raise SystemExit(f"fastalign: ddpo takes no {', '.join(extra)} (its keys: {', '.join(sorted(allowed))})")
+    missing = [k for k in sorted(allowed) if not run.get(k)]
+    if missing:
+        raise SystemExit(f"fastalign: ddpo needs {', '.join(missing)}")
+    try:
+        reward_fn, prompt_fn = reward_function(run["reward_function"]), prompt_function(run["prompt_function"])
+    except ValueError as err:
+        raise SystemExit(f"fastalign: {err}") from None
+    trainer = DDPOTrainer(config, reward_fn, prompt_fn, run["pipeline_name_or_path"])
+    result = trainer.train()
+    print(json.dumps(result, indent=1))
+    return result
+
+
 def main(argv=None) -> int:
     names = ", ".join(algorithms())
     parser = argparse.ArgumentParser(
@@ -207,7 +242,7 @@ def main(argv=None) -> int:
     p_train = sub.add_parser("train", help=f"train with one algorithm ({names})")
     p_train.add_argument("algorithm", choices=sorted(algorithms()))
     p_train.add_argument("--config", help="YAML file of config keys (see configs/)")
-    p_demo = sub.add_parser("demo", help="the embedded demo: a tiny model learns to sort digits, on CPU")
+    p_demo = sub.add_parser("demo", help="the embedded demo: a tiny model learns to sort digits, then DDPO, on CPU")
     p_demo.add_argument("--output-dir", default="runs/demo")
     p_plot = sub.add_parser("plot", help="write PNG curves of RUN_DIR/metrics.jsonl into RUN_DIR/plots")
     p_plot.add_argument("run_dir")

@@ -12,7 +12,7 @@ pytest.importorskip("matplotlib", reason="the demo draws its curves with matplot
 
 def test_short_demo_improves_the_task_and_writes_its_run_dir(tmp_path, capsys):
     settings = DemoSettings(train_rows=3000, eval_rows=50, pair_rows=1500, eval_pairs=100, reward_steps=150,
-                            dpo_steps=150, ppo_steps=40, ppo_batch_size=32, ppo_mini_batch_size=8)
+                            dpo_steps=150, ppo_steps=40, ppo_batch_size=32, ppo_mini_batch_size=8, ddpo_epochs=6)
     summary = run_demo(tmp_path, settings)
     before, sft, reward, dpo, ppo = summary["stages"]
     assert before["stage"].startswith("before") and sft["stage"] == "after SFT"
@@ -30,6 +30,11 @@ def test_short_demo_improves_the_task_and_writes_its_run_dir(tmp_path, capsys):
     # PPO (from the SFT model) raises the reward of its sampled answers (test_ppo_learning.py: a full run).
     assert ppo["stage"] == "after PPO (from the SFT model)"
     assert ppo["sampled_reward_last"] > ppo["sampled_reward_first"] + 0.1 and ppo["kl_last"] > 0
+    # DDPO (tiny Stable Diffusion, JPEG compressibility; test_ddpo_learning.py: the full 12 epochs).
+    ddpo = summary["ddpo"]
+    if ddpo is not None:
+        assert ddpo["reward_after"] > ddpo["reward_before"] and ddpo["epochs"] == 6
+        assert (tmp_path / "ddpo" / "before_after.png").exists() and "| after DDPO (6 epochs) |" in (tmp_path / "results.md").read_text()
     assert json.loads((tmp_path / "summary.json").read_text()) == json.loads(json.dumps(summary))
     assert summary["wall_seconds"] > 0 and summary["settings"]["dpo_steps"] == 150
     results, out = (tmp_path / "results.md").read_text(), capsys.readouterr().out

@@ -69,6 +69,8 @@ from fastalign.engine import distributed
 from fastalign.engine.engine import Engine
 from fastalign.engine.metrics import MetricsLogger
 from fastalign.engine.trainer import Checkpointing
+
+from .ppo import named_function
 from fastalign.kernels.ddpo import ddim_step_with_logprob, ddpo_loss
 from fastalign.kernels.rl import PerPromptStatTracker
 
@@ -221,7 +223,8 @@ class DDPOTrainer(Checkpointing):
     ``reward_function(images, prompts, metadata) -> (rewards, reward_metadata)`` (or just the
     rewards): ``images`` a float tensor ``[B, 3, H, W]`` in ``[0, 1]``, one reward per image.
     ``prompt_function() -> (prompt, metadata)``. ``sd_pipeline``: a diffusers
-    ``StableDiffusionPipeline`` or a name or path to load one from. ``image_samples_hook(
+    ``StableDiffusionPipeline``, a name or path to load one from, or ``"fastalign/tiny-sd"`` (the
+    built-in tiny pipeline, random weights, nothing downloaded). ``image_samples_hook(
     prompt_image_data, global_step, logger)``, if given, is called once per epoch with
     ``[[images, prompts, metadata, rewards, reward_metadata]]`` of the epoch's last sampled batch.
     """
@@ -533,13 +536,36 @@ class DDPOTrainer(Checkpointing):
         self.perm_generator.set_state(ddpo["perm"])
 
 
+TINY_PIPELINE = "fastalign/tiny-sd"  # the built-in pipeline: random weights, 64 x 64 images
+
+
+def reward_function(spec: str):
+    """A DDPO reward by name: ``jpeg_compressibility``, ``jpeg_incompressibility`` or
+    ``package.module:function``."""
+    from fastalign.tasks.compressibility import jpeg_compressibility, jpeg_incompressibility
+
+    return named_function(spec, {"jpeg_compressibility": jpeg_compressibility,
+                                 "jpeg_incompressibility": jpeg_incompressibility})
+
+
+def prompt_function(spec: str):
+    """A prompt function by name: ``animals`` (simple animal names) or ``package.module:function``."""
+    from fastalign.tasks.compressibility import animal_prompt
+
+    return named_function(spec, {"animals": animal_prompt}, "prompt_function")
+
+
 def _load_pipeline(pipeline):
-    """A ``StableDiffusionPipeline`` (loaded when a name or path) with a DDIM scheduler."""
+    """A ``StableDiffusionPipeline`` (built or loaded when a name or path) with a DDIM scheduler."""
     try:
         from diffusers import DDIMScheduler, StableDiffusionPipeline
     except ImportError as err:
         raise ImportError("DDPO needs diffusers: pip install 'fastalign[diffusion]'") from err
-    if isinstance(pipeline, (str, Path)):
+    if pipeline == TINY_PIPELINE:
+        from fastalign.models.tiny import tiny_diffusion_pipeline
+
+        pipeline = tiny_diffusion_pipeline(64)
+    elif isinstance(pipeline, (str, Path)):
         pipeline = StableDiffusionPipeline.from_pretrained(str(pipeline), safety_checker=None)
     for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         if getattr(pipeline, part, None) is None:

@@ -156,19 +156,24 @@ def _sort_digits_reward(queries, responses):
 BUILTIN_REWARDS = {"sort_digits": _sort_digits_reward}
 
 
-def reward_function(spec: str):
-    """A reward function by name: a built-in (``sort_digits``) or ``package.module:function``."""
-    if spec in BUILTIN_REWARDS:
-        return BUILTIN_REWARDS[spec]
+def named_function(spec: str, builtins: dict, kind: str = "reward_function"):
+    """A function by name: one of ``builtins`` or ``package.module:function``."""
+    if spec in builtins:
+        return builtins[spec]
     module, _, name = spec.partition(":")
     if not module or not name:
-        raise ValueError(f"reward_function {spec!r}: expected one of {sorted(BUILTIN_REWARDS)} or 'package.module:function'")
+        raise ValueError(f"{kind} {spec!r}: expected one of {sorted(builtins)} or 'package.module:function'")
     import importlib
 
     fn = getattr(importlib.import_module(module), name, None)
     if not callable(fn):
-        raise ValueError(f"reward_function {spec!r}: {module} has no function {name!r}")
+        raise ValueError(f"{kind} {spec!r}: {module} has no function {name!r}")
     return fn
+
+
+def reward_function(spec: str):
+    """A reward function by name: a built-in (``sort_digits``) or ``package.module:function``."""
+    return named_function(spec, BUILTIN_REWARDS)
 
 
 # Decoder-layer names, to find where the layers shared with the reference stop.

@@ -248,13 +248,13 @@ class DDPOTrainer(Checkpointing):
             precision = "no"
         self.precision = PRECISIONS[precision]
         frozen_dtype = self.precision or torch.float32
-        pipe.vae.requires_grad_(False).to(device, frozen_dtype).eval()
-        pipe.text_encoder.requires_grad_(False).to(device, frozen_dtype).eval()
+        for part in (pipe.vae, pipe.text_encoder):
+            _place(part.requires_grad_(False).eval(), device, frozen_dtype)
         unet = pipe.unet
         if c.use_lora:
             from peft import LoraConfig
 
-            unet.requires_grad_(False).to(device, frozen_dtype)
+            _place(unet.requires_grad_(False), device, frozen_dtype)
             unet.add_adapter(LoraConfig(r=c.lora_rank, lora_alpha=c.lora_rank, init_lora_weights="gaussian",
                                         target_modules=LORA_TARGETS))
             for p in unet.parameters():  # the adapters train in fp32
@@ -574,6 +574,13 @@ def _load_pipeline(pipeline):
         pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+def _place(module, device, dtype) -> None:
+    """Move ``module``, casting only when its dtype differs (diffusers warns on every cast)."""
+    module.to(device)
+    if module.dtype != dtype:
+        module.to(dtype)
 
 
 def _mean(records: list[dict]) -> dict:

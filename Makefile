@@ -1,7 +1,8 @@
 # fastalign: set-up, tests and benchmarks on a fresh machine.
 #   make test    create or reuse .venv, install, run the test suite
 #   make bench   run the kernel benchmarks and write benchmarks/out/results.md
-#   make demo    the embedded demo: a tiny model learns to sort digits on this CPU (runs/demo)
+#   make bench-peers  fastalign against TRL end to end (DPO, reward, SFT); makes the peer venv first
+#   make demo    the embedded demo: a tiny model learns to sort digits, then DDPO, on this CPU (runs/demo)
 PYTHON ?= python3
 VENV ?= .venv
 # torch is installed first, and only when it is not importable: a bare `torch` requirement on a
@@ -15,7 +16,7 @@ PYTEST_ARGS ?=
 # the demo model took 0.96 s with 2 spinning threads and 0.016 s with passive ones (2026-11-21).
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install test bench demo clean
+.PHONY: install test bench bench-peers demo clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,15 +31,42 @@ install: $(STAMP)
 test: install
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
-# Liger-Kernel is a peer measured by the benchmarks, never a dependency of fastalign.
+# Liger-Kernel is a peer measured by the benchmarks, never a dependency of fastalign. TRL's fused
+# LM head (a kernel path) comes from TRL_SPEC installed without its dependencies into a folder of its
+# own, on PYTHONPATH for the benchmarks only: fastalign's venv never gets TRL.
+TRL_KERNELS ?= benchmarks/out/trl-kernels
 bench: install
 	$(PY) -c "import liger_kernel" 2>/dev/null || $(PY) -m pip install --no-deps liger-kernel \
 		|| echo "liger-kernel not installed: its benchmarks will be skipped"
-	$(PY) -m benchmarks $(PYTEST_ARGS)
+	test -d $(TRL_KERNELS)/trl || $(PY) -m pip install --no-deps --target $(TRL_KERNELS) "$(TRL_SPEC)" \
+		|| echo "TRL not installed: its kernel path will be skipped"
+	PYTHONPATH=$(abspath $(TRL_KERNELS)) $(PY) -m benchmarks $(PYTEST_ARGS)
+
+# The peers of the end-to-end comparison (TRL, TRL + Liger-Kernel) live in their own venv under
+# benchmarks/out (ignored), never in fastalign's: torch is installed first from TORCH_SPEC and pinned
+# again beside TRL, so TRL's requirements cannot pull another torch. TRL_SPEC=trl for the newest.
+PEERS_VENV ?= benchmarks/out/venv-peers
+PEERS_PY := $(PEERS_VENV)/bin/python
+PEERS_STAMP := $(PEERS_VENV)/.peers-installed
+TRL_SPEC ?= trl==1.16.0
+LIGER_SPEC ?= liger-kernel==0.8.5
+PEERS_ARGS ?=
+
+$(PEERS_STAMP):
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_PY) -m pip install "$(TORCH_SPEC)"
+	$(PEERS_PY) -m pip install "$(TORCH_SPEC)" "$(TRL_SPEC)" "$(LIGER_SPEC)"
+	touch $(PEERS_STAMP)
+
+# Interleaved rounds, each system in a fresh process (25-30 minutes on 2 CPU cores); writes
+# benchmarks/out/vs_trl/ and the chart benchmarks/vs_trl.png. A smoke run that leaves the chart alone:
+# PEERS_ARGS="--quick --chart benchmarks/out/vs_trl/quick.png".
+bench-peers: install $(PEERS_STAMP)
+	$(PY) -m benchmarks.peers --peer-python $(PEERS_PY) --chart benchmarks/vs_trl.png $(PEERS_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks benchmarks/out
 
-# The embedded demo: built-in tiny model and task, nothing downloaded; about 20 s on 2 CPU cores.
+# The embedded demo: built-in tiny models and tasks, nothing downloaded; about 80 s on 2 CPU cores.
 demo: install
 	$(PY) -m fastalign.cli demo --output-dir runs/demo

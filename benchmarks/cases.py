@@ -6,6 +6,10 @@ peak memory compare like for like:
 - ``lm_head matmuls``: only ``logits = hidden @ W.T`` and its two gradient matmuls, the floor.
 - ``naive``: ``hidden @ W.T``, ``log_softmax``, ``gather``, as TRL 0.7.10 computes log-probs.
 - ``liger``: Liger-Kernel's fused linear cross-entropy, ``reduction="none"`` (CUDA only).
+- ``trl chunked``: TRL's own fused LM head (``trl.kernels.ChunkedLogProbFunction``, what TRL 1.x's
+  trainers call with ``fused_lm_head=True``): tiles of 4,096 tokens x 32,768 vocabulary entries,
+  folded by a Triton kernel on CUDA and by torch ops elsewhere. Needs ``trl`` importable (a peer,
+  never a dependency: ``pip install --no-deps trl``); skipped otherwise.
 - ``fastalign torch`` / ``fastalign triton``: ``linear_logprobs`` on that path.
 
 ``fused_preference_loss`` (DPO sigmoid loss from hidden states, forward+backward) runs 16
@@ -14,6 +18,9 @@ sequences (8 pairs) of ``n / 16`` tokens each, the first quarter of each being p
 - ``naive``: full logits for every token, log_softmax, gather, per-sequence sums, the loss.
 - ``liger``: Liger-Kernel's ``LigerFusedLinearDPOLoss`` (pure torch, runs on CPU), given the
   reference log-probs' work for free as fastalign is (``use_ref_model=False``), not compiled.
+- ``trl chunked``: TRL 1.x's DPO loss: per-token log-probs by ``ChunkedLogProbFunction`` (at the
+  loss positions on CUDA, at every position elsewhere, as its trainer does), per-sequence sums, the
+  sigmoid loss.
 - ``fastalign torch`` / ``fastalign triton``: ``fused_preference_loss`` on that path.
 """
 
@@ -54,16 +61,17 @@ QUICK_CASES = [
 ]
 GPU_CASES = [
     Case("linear_logprobs", n, h, v, dt)
-    for (n, h, v) in [(4096, 1024, 128256), (16384, 4096, 128256), (8192, 4096, 152064)]
+    for (n, h, v) in [(4096, 1024, 128256), (16384, 4096, 128256), (8192, 4096, 152064), (1024, 8192, 32000),
+                      (65536, 1024, 32000)]
     for dt in ("bf16", "fp32")
 ] + [Case("selective_logprobs", n, 0, v, dt) for (n, v) in [(8192, 128256), (16384, 32000)] for dt in ("bf16", "fp32")] + [
     Case("fused_preference_loss", 16 * 1024, 4096, 128256, dt) for dt in ("bf16", "fp32")
 ]
 
 PATHS = {
-    "linear_logprobs": ["lm_head matmuls", "naive", "liger", "fastalign torch", "fastalign triton"],
+    "linear_logprobs": ["lm_head matmuls", "naive", "liger", "trl chunked", "fastalign torch", "fastalign triton"],
     "selective_logprobs": ["naive", "fastalign torch", "fastalign triton"],
-    "fused_preference_loss": ["naive", "liger", "fastalign torch", "fastalign triton"],
+    "fused_preference_loss": ["naive", "liger", "trl chunked", "fastalign torch", "fastalign triton"],
 }
 
 
@@ -84,7 +92,19 @@ def unavailable(path: str, device: str, op: str = "") -> str | None:
             return "liger-kernel is not installed in this environment"
         if device != "cuda" and op != "fused_preference_loss":
             return "Liger-Kernel's kernels are Triton-only and need a CUDA device"
+    if path == "trl chunked":
+        try:
+            from trl.kernels import ChunkedLogProbFunction  # noqa: F401
+        except ImportError:
+            return "trl is not installed in this environment (pip install --no-deps trl)"
     return None
+
+
+def trl_logprobs(hidden, weight, labels):
+    """TRL 1.x's fused LM head: the log-prob of each label, without the ``[N, V]`` logits."""
+    from trl.kernels import ChunkedLogProbFunction
+
+    return ChunkedLogProbFunction.apply(hidden, weight, None, labels, 1.0, 32768, None, 1.0, ("log_probs",))[0]
 
 
 def make_inputs(case: Case, device: str, seed: int = 0) -> dict:
@@ -132,6 +152,15 @@ def _preference_runner(path: str):
             logp = torch.log_softmax((h @ w.t()).float(), -1)
             valid = y != -100
             tok = torch.where(valid, logp.gather(-1, torch.where(valid, y, 0)[:, None])[:, 0], 0.0)
+            pi = tok.view(len(x["cu_seqlens"]) - 1, -1).sum(-1)
+            logits = (pi[x["chosen"]] - pi[x["rejected"]]) - (x["ref_chosen"] - x["ref_rejected"])
+            loss = -F.logsigmoid(0.1 * logits).mean()
+        elif path == "trl chunked":  # as TRL's trainer: loss positions only on CUDA, every position elsewhere
+            valid = y != -100
+            if h.is_cuda:
+                tok = torch.zeros(len(y), device=h.device).masked_scatter(valid, trl_logprobs(h[valid], w, y[valid]))
+            else:
+                tok = trl_logprobs(h, w, y.clamp(min=0)).masked_fill(~valid, 0.0)
             pi = tok.view(len(x["cu_seqlens"]) - 1, -1).sum(-1)
             logits = (pi[x["chosen"]] - pi[x["rejected"]]) - (x["ref_chosen"] - x["ref_rejected"])
             loss = -F.logsigmoid(0.1 * logits).mean()
@@ -183,6 +212,8 @@ def runner(case: Case, path: str):
 
             out = LigerFusedLinearCrossEntropyFunction.apply(h, w, y, None, None, -100, 0.0, 0.0, "none")
             (out[0] if isinstance(out, tuple) else out).backward(g)
+        elif path == "trl chunked":
+            trl_logprobs(h, w, y).backward(g)
         else:
             linear_logprobs(h, w, y, backend=path.split()[-1]).backward(g)
         h.grad = w.grad = None

@@ -1,0 +1,134 @@
+"""The workload every system trains on, and its one-time preparation (run in fastalign's venv).
+
+Everything a probe needs is written once to a prep folder, so every system starts from the same
+bytes:
+
+- ``tokenizer/``: a byte-level BPE of ``VOCAB`` ids trained on the HH-RLHF pairs (the recipe of
+  ``benchmarks/test_bench_hh_rlhf.py``), saved with ``save_pretrained``;
+- ``causal/``: a random Llama (``MODEL``) made with ``torch.manual_seed(SEED)``, saved with
+  ``save_pretrained`` (DPO and SFT load it, TRL's DPO builds its reference from it too);
+- ``reward/``: the same body with a one-label ``score`` head (seeded), for reward modeling;
+- ``data.json``: the rows of every workload, in training order, as text (what fastalign is
+  given) and as the token ids fastalign's tokenisation and truncation make of them (what TRL is
+  given, so both train on identical tokens; a probe checks its own ids against these).
+
+This module imports neither fastalign nor TRL at the top: the TRL probe, in the peer venv, reads
+its constants.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+SHARED = Path(__file__).resolve().parents[3] / "shared"
+DATA = SHARED / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
+
+VOCAB = 8192
+SEED = 0
+# A Llama-style model of about 21M parameters, as in the issue's reference measurement.
+MODEL = dict(vocab_size=VOCAB, hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
+             num_key_value_heads=8, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+             tie_word_embeddings=False, rms_norm_eps=1e-6)
+ALGOS = ("dpo", "reward", "sft")
+# Rows per optimizer step: pairs for DPO and reward modeling, sequences for SFT.
+BATCH = {"dpo": 8, "reward": 8, "sft": 8}
+STEPS = {"dpo": 10, "reward": 10, "sft": 10}
+LEARNING_RATE = {"dpo": 5e-5, "reward": 1e-4, "sft": 5e-4}
+BETA = 0.1
+# TRL 0.7.10's DPO defaults (fastalign's): pairs are cut to 512 tokens, the prompt first (to its last 128).
+MAX_LENGTH, MAX_PROMPT_LENGTH, PAIR_TRUNCATION = 512, 128, "keep_end"
+SFT_TRUNCATION = "keep_start"
+
+
+def missing() -> str | None:
+    if not DATA.is_file():
+        return f"{DATA} is absent: the comparison with TRL trains on the shared HH-RLHF pairs beside the repo"
+    return None
+
+
+def steps_for(algo: str, quick: bool) -> int:
+    return 3 if quick else STEPS[algo]
+
+
+def rows_needed(algo: str, steps: int) -> int:
+    return BATCH[algo] * steps
+
+
+def flat(lists) -> list[int]:
+    return [x for ids in lists for x in ids]
+
+
+def digest(ids: list[list[int]]) -> str:
+    """A short fingerprint of token id lists (a probe compares its own with the prep's)."""
+    return hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16]
+
+
+# ---- preparation (fastalign's venv) ----------------------------------------------------------------
+def prepare(prep: Path, max_steps: int) -> Path:
+    """Write the tokenizer, the two models and the data of ``max_steps`` steps to ``prep`` (cached:
+    an existing prep with as many rows is reused)."""
+    marker = prep / "data.json"
+    if marker.is_file():
+        data = json.loads(marker.read_text())
+        if all(len(data[a]["ids"]) >= rows_needed(a, max_steps) for a in ALGOS) and data.get("model") == MODEL:
+            return prep
+    from unittest import mock
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from benchmarks import test_bench_hh_rlhf as hh
+    from fastalign.data import load_rows, tokenize_pairs, tokenize_sft
+    from fastalign.models.loading import as_reward_model
+
+    prep.mkdir(parents=True, exist_ok=True)
+    rows = [dict(r) for r in load_rows(str(DATA))]
+    with mock.patch.object(hh, "VOCAB", VOCAB):  # the HH benchmark's recipe, at this vocabulary size
+        hh.train_bpe(rows, prep / "bpe.json")
+    tokenizer = hh.load_tokenizer(prep / "bpe.json")
+    tokenizer.save_pretrained(prep / "tokenizer")
+
+    torch.manual_seed(SEED)
+    model = LlamaForCausalLM(LlamaConfig(**MODEL))
+    model.save_pretrained(prep / "causal")
+    torch.manual_seed(SEED + 1)
+    reward = as_reward_model(model)
+    reward.config.pad_token_id = MODEL["pad_token_id"]
+    reward.save_pretrained(prep / "reward")
+
+    # The pairs in file order (this split has no bad pair: none is dropped, checked).
+    n_pairs = max(rows_needed(a, max_steps) for a in ("dpo", "reward"))
+    pair_rows = [{"chosen": r["chosen"], "rejected": r["rejected"]} for r in rows[:n_pairs]]
+    pairs, report = tokenize_pairs(pair_rows, tokenizer, max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH,
+                                   truncation_mode=PAIR_TRUNCATION)
+    assert all(p.chosen_prompt == p.rejected_prompt for p in pairs), "implicit prompts are shared by both halves"
+    pair_ids = [pair_record(p) for p in pairs]
+
+    n_sft = rows_needed("sft", max_steps)
+    sft_rows = [{"text": r["chosen"]} for r in rows[:n_sft]]
+    seqs, sft_report = tokenize_sft(sft_rows, tokenizer, max_length=MAX_LENGTH, truncation_mode=SFT_TRUNCATION)
+    assert len(seqs) == n_sft, "no SFT row is dropped"
+
+    data = {
+        "model": MODEL,
+        "dpo": {"rows": pair_rows, "ids": pair_ids, "truncated": report.truncated},
+        "reward": {"rows": pair_rows, "ids": pair_ids, "truncated": report.truncated},
+        "sft": {"rows": sft_rows, "ids": [{"input_ids": s.input_ids} for s in seqs], "truncated": sft_report.truncated},
+    }
+    marker.write_text(json.dumps(data))
+    return prep
+
+
+def pair_record(pair) -> dict:
+    """A fastalign ``Pair`` as TRL's pre-tokenized preference columns (the prompt is shared)."""
+    return {"prompt_ids": pair.chosen_prompt, "chosen_ids": pair.chosen, "rejected_ids": pair.rejected}
+
+
+def workload(prep: Path, algo: str, steps: int) -> dict:
+    """The rows, the token ids and the fingerprint of ``steps`` steps of ``algo``."""
+    data = json.loads((prep / "data.json").read_text())[algo]
+    n = rows_needed(algo, steps)
+    ids = data["ids"][:n]
+    return {"rows": data["rows"][:n], "ids": ids, "digest": digest([flat(r.values()) for r in ids])}

@@ -48,10 +48,13 @@ class Case:
         return f"{self.op} {dims} {self.dtype}"
 
 
-# The issue's reference shape (a Llama-3-sized vocabulary), and a selective_logprobs shape.
+# The issue's reference shape (a Llama-3-sized vocabulary), and selective_logprobs shapes (also
+# Qwen2's 152k vocabulary, in bf16 and fp32).
 CPU_CASES = [
     Case("linear_logprobs", 4096, 1024, 128256, "fp32"),
     Case("selective_logprobs", 4096, 0, 128256, "fp32"),
+    Case("selective_logprobs", 4096, 0, 152064, "fp32"),
+    Case("selective_logprobs", 4096, 0, 152064, "bf16"),
     Case("fused_preference_loss", 16 * 512, 1024, 128256, "fp32"),
 ]
 QUICK_CASES = [
@@ -64,7 +67,7 @@ GPU_CASES = [
     for (n, h, v) in [(4096, 1024, 128256), (16384, 4096, 128256), (8192, 4096, 152064), (1024, 8192, 32000),
                       (65536, 1024, 32000)]
     for dt in ("bf16", "fp32")
-] + [Case("selective_logprobs", n, 0, v, dt) for (n, v) in [(8192, 128256), (16384, 32000)] for dt in ("bf16", "fp32")] + [
+] + [Case("selective_logprobs", n, 0, v, dt) for (n, v) in [(8192, 128256), (8192, 152064), (16384, 32000)] for dt in ("bf16", "fp32")] + [
     Case("fused_preference_loss", 16 * 1024, 4096, 128256, dt) for dt in ("bf16", "fp32")
 ]
 

@@ -56,7 +56,7 @@ import math
 import time
 import warnings
 from collections import defaultdict, deque
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -181,22 +181,18 @@ class DDPOConfig:
     def optimizer_steps_per_epoch(self) -> int:
         return self.train_num_inner_epochs * self.samples_per_epoch // self.samples_per_optimizer_step
 
-    def to_dict(self) -> dict:
-        return asdict(self)
 
-
-class _TrainedWeights(torch.nn.Module):
+class _TrainedWeights:
     """What a checkpoint holds of the pipeline: the UNet, or only its LoRA adapters."""
 
     def __init__(self, unet, lora: bool):
-        super().__init__()
         self.unet, self.lora = unet, lora
 
     def save_pretrained(self, folder, safe_serialization=True, state_dict=None):
         from safetensors.torch import save_file
 
-        state = self._state()
-        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(Path(folder) / "unet.safetensors"))
+        state = {k: v.detach().contiguous().cpu() for k, v in self._state().items()}
+        save_file(state, str(Path(folder) / "unet.safetensors"))
 
     def load_saved_weights(self, folder):
         from safetensors.torch import load_file
@@ -363,8 +359,9 @@ class DDPOTrainer(Checkpointing):
     def _rewards(self, images, prompts, metadata):
         out = self.reward_fn(images, list(prompts), list(metadata))
         rewards, reward_metadata = out if isinstance(out, tuple) else (out, {})
-        rewards = torch.as_tensor(np.asarray(rewards, dtype=np.float64) if not isinstance(rewards, torch.Tensor)
-                                  else rewards.detach().cpu()).double().flatten()
+        if isinstance(rewards, torch.Tensor):
+            rewards = rewards.detach().cpu()
+        rewards = torch.as_tensor(np.asarray(rewards, dtype=np.float64)).flatten()
         if rewards.numel() != len(prompts):
             raise ValueError(f"reward_function returned {rewards.numel()} rewards for {len(prompts)} images")
         bad = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
@@ -584,9 +581,9 @@ def _place(module, device, dtype) -> None:
 
 
 def _mean(records: list[dict]) -> dict:
-    keys = ("loss", "approx_kl", "clipfrac", "grad_norm")
-    return {k: float(np.mean([r[k] for r in records])) for k in keys if records and k in records[0]} | (
-        {"lr": records[-1]["lr"]} if records else {})
+    """An epoch's optimizer steps summarised (every epoch has at least one)."""
+    means = {k: float(np.mean([r[k] for r in records])) for k in ("loss", "approx_kl", "clipfrac", "grad_norm")}
+    return {**means, "lr": records[-1]["lr"]}
 
 
 def image_grid(images, rows: int | None = None, scale: int = 1):

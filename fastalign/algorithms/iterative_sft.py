@@ -84,7 +84,7 @@ import torch
 from transformers import get_scheduler, set_seed
 
 from fastalign.data import IGNORE_INDEX, PackedBatch, Sequence, pack, plan_batches
-from fastalign.data.formats import TRUNCATION_MODES
+from fastalign.data.formats import check_truncation, kept_part
 from fastalign.engine import Engine, TrainingConfig, distributed
 from fastalign.engine.engine import adamw
 from fastalign.engine.metrics import MetricsLogger
@@ -128,10 +128,7 @@ class IterativeSFTTrainer(Checkpointing):
         if data_collator is not None:
             raise ValueError("data_collator: fastalign packs rows without padding and takes no collator; give "
                              "labels (-100 where no loss) or attention_mask to step() instead")
-        if truncation_mode not in TRUNCATION_MODES:
-            raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {truncation_mode!r}")
-        if max_length is not None and max_length < 2:
-            raise ValueError(f"max_length must be at least 2 tokens, got {max_length}")
+        check_truncation(max_length, truncation_mode)
         self.args, self.max_length, self.truncation_mode = args, max_length, truncation_mode
         self.batch_size = getattr(args, "per_device_train_batch_size", None)
         set_seed(args.seed)
@@ -207,7 +204,7 @@ class IterativeSFTTrainer(Checkpointing):
         n, cut = self.max_length, 0
         for row in rows:
             if n is not None and len(row.ids) > n:
-                part = slice(0, n) if self.truncation_mode == "keep_start" else slice(len(row.ids) - n, None)
+                part = kept_part(len(row.ids), n, self.truncation_mode)
                 row.ids, row.labels, cut = row.ids[part], row.labels[part], cut + 1
         return cut
 

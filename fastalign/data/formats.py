@@ -107,6 +107,19 @@ def _row_tokens(row, i, tokenizer, text_field, formatting_func, completion_only)
     return _with_eos(tokenizer, ids, [True] * len(ids))
 
 
+def check_truncation(max_length, truncation_mode) -> None:
+    if truncation_mode not in TRUNCATION_MODES:
+        raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {truncation_mode!r}")
+    if max_length is not None and max_length < 2:
+        raise ValueError(f"max_length must be at least 2 tokens, got {max_length}")
+
+
+def kept_part(length: int, max_length: int, truncation_mode: str) -> slice:
+    """The tokens a sequence of ``length`` keeps when cut to ``max_length``: its first
+    (``keep_start``) or last (``keep_end``) ones."""
+    return slice(0, max_length) if truncation_mode == "keep_start" else slice(length - max_length, None)
+
+
 def tokenize_sft(
     rows,
     tokenizer,
@@ -118,17 +131,14 @@ def tokenize_sft(
     completion_only_loss=True,
 ):
     """``(sequences, report)`` for SFT from any iterable of row mappings (a ``datasets.Dataset``)."""
-    if truncation_mode not in TRUNCATION_MODES:
-        raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {truncation_mode!r}")
-    if max_length is not None and max_length < 2:
-        raise ValueError(f"max_length must be at least 2 tokens, got {max_length}")
+    check_truncation(max_length, truncation_mode)
     sequences, report = [], TokenizeReport()
     for i, row in enumerate(rows):
         report.rows += 1
         ids, mask = _row_tokens(row, i, tokenizer, dataset_text_field, formatting_func, completion_only_loss)
         if max_length is not None and len(ids) > max_length:
             report.truncated += 1
-            cut = slice(0, max_length) if truncation_mode == "keep_start" else slice(len(ids) - max_length, None)
+            cut = kept_part(len(ids), max_length, truncation_mode)
             ids, mask = ids[cut], mask[cut]
         if len(ids) < 2 or not any(mask[1:]):
             report.dropped += 1

@@ -48,6 +48,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.peers.report import rss_bytes
+from fastalign.engine.metrics import read_metrics
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 DATA = SHARED / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,14 +80,14 @@ pytestmark = pytest.mark.skipif(_missing() is not None, reason=_missing() or "")
 
 
 # ---- data and tokenizer ------------------------------------------------------------------------
-def train_bpe(rows, path: Path) -> None:
-    """A byte-level BPE of VOCAB ids on the chosen and rejected texts, saved to ``path``."""
+def train_bpe(rows, path: Path, vocab_size: int = VOCAB) -> None:
+    """A byte-level BPE of ``vocab_size`` ids on the chosen and rejected texts, saved to ``path``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=SPECIALS, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     core.train_from_iterator((text for row in rows for text in (row["chosen"], row["rejected"])), trainer)
     core.save(str(path))
@@ -127,14 +130,6 @@ def pad_shares(batches, algo: str, seed: int = 0) -> dict:
 
 
 # ---- one trainer, in its own process ------------------------------------------------------------
-def _rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def build_trainer(algo: str, tokenizer_path: Path, run_dir: Path):
     from fastalign.algorithms import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer
     from fastalign.data import load_rows
@@ -162,7 +157,7 @@ def probe(algo: str, tokenizer_path: Path, run_dir: Path) -> None:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = _rss_bytes()
+        base = rss_bytes()
     print("ready", flush=True)
     sys.stdin.readline()
     cpu = time.process_time()
@@ -172,8 +167,7 @@ def probe(algo: str, tokenizer_path: Path, run_dir: Path) -> None:
         peak = torch.cuda.max_memory_allocated()
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in records if "seconds_per_step" in r]
+    steps = [r for r in read_metrics(run_dir) if "seconds_per_step" in r]
     timed = steps[1:] or steps  # the first step is a warm-up
     real = [r["num_tokens"] * (1 - r["padding_fraction"]) for r in timed]
     seconds = [r["seconds_per_step"] for r in timed]

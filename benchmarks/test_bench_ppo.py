@@ -39,7 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from ppo_padded import padded_ppo_step  # noqa: E402
+from ppo_padded import _pad_inputs, padded_ppo_step  # noqa: E402
 
 from fastalign.algorithms import PPOConfig, PPOTrainer  # noqa: E402
 from fastalign.models import CausalLMWithValueHead, as_reward_model  # noqa: E402
@@ -68,12 +68,7 @@ def _samples(seed):
 
 
 def _padded_scores(reward, queries, responses):
-    seqs = [torch.cat([q, r]) for q, r in zip(queries, responses)]
-    width = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    attention = torch.zeros_like(ids)
-    for k, s in enumerate(seqs):
-        ids[k, :len(s)], attention[k, :len(s)] = s, 1
+    ids, attention = _pad_inputs(queries, responses, 0, "cpu")
     with torch.no_grad():
         return reward(input_ids=ids, attention_mask=attention).logits[:, 0]
 

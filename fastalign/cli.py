@@ -165,6 +165,7 @@ def train(algo: str, config_path: str | None, overrides: list[str]) -> dict:
         raise SystemExit(f"fastalign: pipeline_name_or_path and prompt_function are for ddpo, not {algo}")
     if "model_name_or_path" not in run or "dataset_name" not in run:
         raise SystemExit("fastalign: the config needs model_name_or_path and dataset_name")
+    _check_run_keys(algo, run)  # before anything is loaded
     name = run["model_name_or_path"]
     tokenizer = load_tokenizer(run.get("tokenizer_name_or_path", name))
     model_kwargs = dict(dtype=run.get("dtype"), trust_remote_code=bool(run.get("trust_remote_code")))
@@ -172,12 +173,7 @@ def train(algo: str, config_path: str | None, overrides: list[str]) -> dict:
     print(f"fastalign: {name}: attention {report}", file=sys.stderr)
     extra = {}
     if run.get("ref_model_name_or_path"):
-        if algo not in ("dpo", "ppo"):
-            raise SystemExit(f"fastalign: ref_model_name_or_path is for dpo and ppo, not {algo}")
         extra["ref_model"] = load_model(run["ref_model_name_or_path"], **model_kwargs)[0]
-    ppo_keys = ("reward_model_name_or_path", "reward_function", "generation_kwargs", "num_shared_layers")
-    if algo != "ppo" and any(k in run for k in ppo_keys):
-        raise SystemExit(f"fastalign: {', '.join(k for k in ppo_keys if k in run)} are for ppo, not {algo}")
     source = run["dataset_name"]
     train_rows = load_rows(source, run.get("dataset_train_split", "train"), run.get("dataset_config"))
     if algo == "ppo":
@@ -193,15 +189,25 @@ def train(algo: str, config_path: str | None, overrides: list[str]) -> dict:
     return result
 
 
+def _check_run_keys(algo: str, run: dict) -> None:
+    """The run keys that do not fit ``algo`` (a language-model algorithm), named."""
+    if run.get("ref_model_name_or_path") and algo not in ("dpo", "ppo"):
+        raise SystemExit(f"fastalign: ref_model_name_or_path is for dpo and ppo, not {algo}")
+    ppo_keys = ("reward_model_name_or_path", "reward_function", "generation_kwargs", "num_shared_layers")
+    if algo != "ppo" and any(k in run for k in ppo_keys):
+        raise SystemExit(f"fastalign: {', '.join(k for k in ppo_keys if k in run)} are for ppo, not {algo}")
+    if algo == "ppo":
+        if bool(run.get("reward_model_name_or_path")) == bool(run.get("reward_function")):
+            raise SystemExit("fastalign: ppo needs exactly one of reward_model_name_or_path and reward_function")
+        if run.get("dataset_test_split"):
+            raise SystemExit("fastalign: ppo trains on prompts and has no evaluation split; drop dataset_test_split")
+
+
 def _train_ppo(config, run, model, tokenizer, rows, extra) -> dict:
     """PPO over a dataset of prompts, rewarded by a reward model or a reward function."""
     from fastalign.algorithms import PPOTrainer
     from fastalign.algorithms.ppo import reward_function
 
-    if bool(run.get("reward_model_name_or_path")) == bool(run.get("reward_function")):
-        raise SystemExit("fastalign: ppo needs exactly one of reward_model_name_or_path and reward_function")
-    if run.get("dataset_test_split"):
-        raise SystemExit("fastalign: ppo trains on prompts and has no evaluation split; drop dataset_test_split")
     reward_fn = reward_function(run["reward_function"]) if run.get("reward_function") else None
     trainer = PPOTrainer(config, model, tokenizer=tokenizer, dataset=rows, peft_config=peft_config(run),
                          num_shared_layers=run.get("num_shared_layers"),

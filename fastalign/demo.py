@@ -63,6 +63,7 @@ from fastalign.algorithms import (
     SFTConfig,
     SFTTrainer,
 )
+from fastalign.algorithms.ppo import reward_function
 from fastalign.engine.metrics import read_metrics
 from fastalign.engine.plot import plot_run
 from fastalign.models.tiny import char_tokenizer, tiny_model
@@ -143,10 +144,6 @@ NOTE = ("Exact sorted and mean reward: greedy answers to held-out prompts (the r
         "beta * log(pi / pi_ref). PPO starts from the SFT model, not the DPO one.")
 
 
-def _sortedness(queries, responses):
-    return [sort_digits.sortedness_reward(q, r) for q, r in zip(queries, responses)]
-
-
 def run_demo(output_dir="runs/demo", settings: DemoSettings | None = None) -> dict:
     settings = settings or DemoSettings()
     threads = torch.get_num_threads()
@@ -225,7 +222,7 @@ def _run(out: Path, settings: DemoSettings) -> dict:
     ppo = PPOTrainer(ppo_args, sft_model, tokenizer=tokenizer, dataset=prompts)
     max_new = sort_digits.MAX_DIGITS + 1
     t0 = time.perf_counter()
-    ppo_metrics = ppo.train(_sortedness, {"max_new_tokens": max_new})
+    ppo_metrics = ppo.train(reward_function("sort_digits"), {"max_new_tokens": max_new})
     seconds = time.perf_counter() - t0
     first = read_metrics(out / "ppo")[0]
     results.append(_row("after PPO (from the SFT model)", sort_digits.evaluate(sft_model, tokenizer, eval_rows), seconds,

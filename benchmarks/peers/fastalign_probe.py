@@ -13,7 +13,6 @@ backend, fused heads and losses, AdamW, linear schedule without warm-up, clippin
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -95,8 +94,9 @@ def main(system: str, algo: str, prep: Path, run_dir: Path, steps: int) -> None:
     began = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - began
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    records = [r for r in records if "seconds_per_step" in r]
+    from fastalign.engine.metrics import read_metrics
+
+    records = [r for r in read_metrics(run_dir) if "seconds_per_step" in r]
     per_step = [{"seconds": r["seconds_per_step"], "real_tokens": r["num_tokens"] * (1 - r["padding_fraction"]),
                  "tokens": r["num_tokens"], "loss": r["loss"], "grad_norm": r["grad_norm"], "cpu_seconds": c}
                 for r, c in zip(records, cpu)]

@@ -125,7 +125,7 @@ def _pair_fingerprint(chosen: list[int], rejected: list[int]) -> list[int]:
     n = 0
     while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
         n += 1
-    return chosen[:n] + chosen[n:] + rejected[n:]
+    return chosen + rejected[n:]
 
 
 if __name__ == "__main__":

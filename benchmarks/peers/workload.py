@@ -74,7 +74,6 @@ def prepare(prep: Path, max_steps: int) -> Path:
         data = json.loads(marker.read_text())
         if all(len(data[a]["ids"]) >= rows_needed(a, max_steps) for a in ALGOS) and data.get("model") == MODEL:
             return prep
-    from unittest import mock
 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -85,8 +84,7 @@ def prepare(prep: Path, max_steps: int) -> Path:
 
     prep.mkdir(parents=True, exist_ok=True)
     rows = [dict(r) for r in load_rows(str(DATA))]
-    with mock.patch.object(hh, "VOCAB", VOCAB):  # the HH benchmark's recipe, at this vocabulary size
-        hh.train_bpe(rows, prep / "bpe.json")
+    hh.train_bpe(rows, prep / "bpe.json", vocab_size=VOCAB)  # the HH benchmark's recipe, at this size
     tokenizer = hh.load_tokenizer(prep / "bpe.json")
     tokenizer.save_pretrained(prep / "tokenizer")
 

@@ -635,8 +635,7 @@ class PPOTrainer(Checkpointing):
             if c.early_stopping:
                 policykl = distributed.all_reduce_sum([float(all_stats[-1]["policy/policykl"])], self.engine.device)[0]
                 if policykl / self.world_size > 1.5 * c.target_kl:
-                    self.optimizer.zero_grad(set_to_none=True)
-                    break
+                    break  # the pass ended on an optimizer step: no gradient is left over
         self.model.train()
         return all_stats, epochs
 
@@ -763,8 +762,9 @@ class PPOTrainer(Checkpointing):
     # ---- checkpoints ---------------------------------------------------------------------------
     def extra_state(self) -> dict:
         running = {k: getattr(self.running, k) for k in ("mean", "std", "var", "count")}
+        scheduler = None if self.lr_scheduler is None else self.lr_scheduler.state_dict()
         return {"ppo": {"kl_coef": self.kl_ctl.value, "running": running, "perm": self.perm_generator.get_state(),
-                        "current_step": self.current_step}}
+                        "current_step": self.current_step, "lr_scheduler": scheduler}}
 
     def load_extra_state(self, state: dict) -> None:
         ppo = state["ppo"]
@@ -773,6 +773,8 @@ class PPOTrainer(Checkpointing):
             setattr(self.running, k, v)
         self.perm_generator.set_state(ppo["perm"])
         self.current_step = ppo["current_step"]
+        if self.lr_scheduler is not None and ppo.get("lr_scheduler") is not None:
+            self.lr_scheduler.load_state_dict(ppo["lr_scheduler"])
 
 
 def _full_kl(policy, hidden, ref, ref_hidden, chunk: int = 256) -> torch.Tensor:

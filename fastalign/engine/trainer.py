@@ -65,7 +65,8 @@ class Checkpointing:
             self.args.output_dir, self.global_step, self.model, self.tokenizer, state, self.args.save_total_limit,
             state_dict=full, write_extra=extra,
         )
-        self.logger.write(f"saved {path}")
+        if self.logger is not None:  # None outside train(): a checkpoint saved by hand
+            self.logger.write(f"saved {path}")
         return path
 
     def _resume(self) -> int:

@@ -95,7 +95,7 @@ def sequence_logprobs(model, batch: PackedBatch, average: bool = False) -> torch
     return segment_sum(logp, cu_seqlens=batch.cu_seqlens)
 
 
-SCORE_HEADS = ("score", "classifier", "v_head")
+SCORE_HEADS = ("score", "classifier")
 
 
 def score_head(model) -> torch.nn.Module:

@@ -474,6 +474,26 @@ def test_a_killed_run_resumes_where_its_checkpoint_left_off(tmp_path):
         torch.testing.assert_close(weights(resumed.model)[k], v, rtol=0, atol=0, msg=k)
 
 
+def test_a_given_lr_scheduler_is_checkpointed_and_resumed(tmp_path):
+    def build(resume=None):
+        model = CausalLMWithValueHead(small(), summary_dropout_prob=0.0)
+        optimizer = sgd(model, lr=0.1)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+        config = PPOConfig(batch_size=8, mini_batch_size=4, ppo_epochs=1, output_dir=str(tmp_path), disable_tqdm=True,
+                           resume_from_checkpoint=resume)
+        return PPOTrainer(config, model, tokenizer=char_tokenizer(), optimizer=optimizer, lr_scheduler=scheduler)
+
+    first = build()
+    for seed in range(2):
+        first.step(*samples(seed=seed))
+    first.global_step = 2
+    first.save_checkpoint()
+    resumed = build(resume=True)
+    resumed._resume()
+    assert resumed.lr_scheduler.last_epoch == first.lr_scheduler.last_epoch == 2
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.25)
+
+
 def test_bad_samples_name_the_sample(tmp_path):
     t = trainer(tmp_path)
     q, r, s = samples()

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from fastalign.algorithms import PPOConfig, PPOTrainer, SFTConfig, SFTTrainer
-from fastalign.demo import DemoSettings, _sortedness
+from fastalign.algorithms.ppo import reward_function
+from fastalign.demo import DemoSettings
 from fastalign.engine.metrics import read_metrics
 from fastalign.models.tiny import char_tokenizer, tiny_model
 from fastalign.tasks import sort_digits
@@ -42,7 +43,7 @@ def test_ppo_raises_the_task_reward_and_holds_the_kl_near_target(tmp_path, one_t
                        batch_size=s.ppo_batch_size, mini_batch_size=s.ppo_mini_batch_size, init_kl_coef=s.ppo_init_kl_coef,
                        target=s.ppo_target_kl, horizon=s.ppo_horizon, max_tokens_per_batch=2048, disable_tqdm=True)
     trainer = PPOTrainer(config, model, tokenizer=tok, dataset=[{"query": r["prompt"]} for r in train[:5000]])
-    trainer.train(_sortedness, {"max_new_tokens": sort_digits.MAX_DIGITS + 1})
+    trainer.train(reward_function("sort_digits"), {"max_new_tokens": sort_digits.MAX_DIGITS + 1})
     log = read_metrics(tmp_path / "ppo")
     assert len(log) == s.ppo_steps
     first = sum(r["env/reward_mean"] for r in log[:5]) / 5

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 from dataclasses import dataclass
 
 import torch
@@ -126,22 +125,20 @@ class DPOTrainer(PairTrainer):
         return out
 
     def _precompute(self, batches, name) -> None:
-        """Every batch's reference log-probs, in one pass shared out over the processes (each
-        computes its share, then one all-reduce gives everyone all of them)."""
+        """Every batch's reference log-probs, in one pass shared out over the processes like the
+        evaluation's (each computes its share, then one all-reduce gives everyone all of them)."""
         if not batches:
             return
-        world, rank = self.world_size, distributed.rank()
         offsets = [0]
         for b in batches:
             offsets.append(offsets[-1] + b.num_sequences)
         flat = [0.0] * offsets[-1]
-        size = math.ceil(len(batches) / world) * world
         show = distributed.is_main() and not self.args.disable_tqdm
-        for k in tqdm(range(rank, size, world), desc=f"reference log-probs ({name})", disable=not show):
-            batch = batches[k] if k < len(batches) else batches[0]  # every process runs as many forwards
+        share = self._my_share(list(range(len(batches))))  # indices: where each one's log-probs go
+        for k, counts in tqdm(share, desc=f"reference log-probs ({name})", disable=not show):
             with torch.no_grad(), self.engine.autocast():
-                logps = self.engine.forward(self.reference_logps, batch.to(self.engine.device))
-            if k < len(batches):
+                logps = self.engine.forward(self.reference_logps, batches[k].to(self.engine.device))
+            if counts:
                 flat[offsets[k]:offsets[k + 1]] = logps.tolist()
         flat = distributed.all_reduce_sum(flat, self.engine.device)
         for k, b in enumerate(batches):

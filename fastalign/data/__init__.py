@@ -3,10 +3,10 @@
 from .formats import TokenizeReport, tokenize_sft
 from .loading import load_rows
 from .packing import IGNORE_INDEX, PackedBatch, Sequence, pack, pack_all, plan_batches
-from .preference import Pair, PairReport, tokenize_pairs
+from .preference import Pair, tokenize_pairs
 
 __all__ = [
     "IGNORE_INDEX", "PackedBatch", "Sequence", "load_rows", "pack", "pack_all", "plan_batches", "TokenizeReport",
     "tokenize_sft",
-    "Pair", "PairReport", "tokenize_pairs",
+    "Pair", "tokenize_pairs",
 ]

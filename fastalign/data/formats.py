@@ -25,22 +25,30 @@ TRUNCATION_MODES = ("keep_start", "keep_end")
 
 @dataclass
 class TokenizeReport:
+    """What tokenizing a dataset did: rows read, truncated, and dropped (and why they are dropped)."""
+
     rows: int = 0
     truncated: int = 0
     dropped: int = 0
+    unit: str = "rows"  # what a row becomes, as printed: "pairs" for preference data
+    dropped_because: str = "no loss token left"
 
     def __str__(self) -> str:
-        return f"{self.rows} rows: {self.truncated} truncated, {self.dropped} dropped (no loss token left)"
+        return f"{self.rows} {self.unit}: {self.truncated} truncated, {self.dropped} dropped ({self.dropped_because})"
 
 
 def _bad(row: int, column: str, what: str) -> ValueError:
     return ValueError(f"row {row}, column {column!r}: {what}")
 
 
-def _text(row: dict, i: int, column: str) -> str:
+def _column(row: dict, i: int, column: str):
     if column not in row:
         raise _bad(i, column, f"missing (the row has {sorted(row)})")
-    value = row[column]
+    return row[column]
+
+
+def _text(row: dict, i: int, column: str) -> str:
+    value = _column(row, i, column)
     if not isinstance(value, str):
         raise _bad(i, column, f"expected a string, got {type(value).__name__}")
     if not value:
@@ -52,22 +60,44 @@ def _ids(tokenizer, text: str, special: bool) -> list[int]:
     return tokenizer(text, add_special_tokens=special)["input_ids"]
 
 
-def _with_eos(tokenizer, ids: list[int], mask: list[bool]):
-    eos = tokenizer.eos_token_id
-    if eos is not None and (not ids or ids[-1] != eos):
-        ids, mask = ids + [eos], mask + [mask[-1] if mask else True]
-    return ids, mask
-
-
-def _conversation(tokenizer, messages, i: int, completion_only: bool):
-    """Tokens of a chat and the loss mask of its assistant turns (rendered turn by turn)."""
+def _messages(row: dict, i: int, column: str) -> list[dict]:
+    messages = _column(row, i, column)
     if not isinstance(messages, list) or not messages:
-        raise _bad(i, "messages", "expected a non-empty list of {role, content} messages")
+        raise _bad(i, column, "expected a non-empty list of {role, content} messages")
+    for k, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise _bad(i, column, f"message {k} is not a {{role, content}} mapping")
+    return messages
+
+
+def _pretokenized(row: dict, i: int, ids_column: str, per_id_column: str, per_id: str):
+    """``(ids, values)``: the row's token ids (a non-empty list) and its ``per_id_column``, one
+    value per id (``None`` where the row has no such column); ``per_id`` names a value in errors."""
+    ids, values = row.get(ids_column), row.get(per_id_column)
+    if not isinstance(ids, list) or not ids or not all(isinstance(t, int) for t in ids):
+        raise _bad(i, ids_column, "expected a non-empty list of token ids")
+    if values is not None and (not isinstance(values, list) or len(values) != len(ids)):
+        raise _bad(i, per_id_column, f"expected {len(ids)} {per_id}, one per input id")
+    return list(ids), values
+
+
+def _with_eos(tokenizer, ids: list[int]) -> list[int]:
+    """``ids`` ending with the EOS token: appended unless already last (or the tokenizer has none)."""
+    eos = tokenizer.eos_token_id
+    return ids + [eos] if eos is not None and (not ids or ids[-1] != eos) else ids
+
+
+def _masked_with_eos(tokenizer, ids: list[int], mask: list[bool]):
+    """``_with_eos`` and the loss mask: an appended EOS is scored like the token before it."""
+    with_eos = _with_eos(tokenizer, ids)
+    return with_eos, mask + [mask[-1] if mask else True] * (len(with_eos) - len(ids))
+
+
+def _conversation(tokenizer, messages: list[dict], i: int, completion_only: bool):
+    """Tokens of a chat and the loss mask of its assistant turns (rendered turn by turn)."""
     ids: list[int] = []
     mask: list[bool] = []
     for k, message in enumerate(messages):
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise _bad(i, "messages", f"message {k} is not a {{role, content}} mapping")
         rendered = tokenizer.apply_chat_template(messages[: k + 1], tokenize=False)
         full = _ids(tokenizer, rendered, special=False)
         if full[: len(ids)] != ids:
@@ -84,27 +114,20 @@ def _row_tokens(row, i, tokenizer, text_field, formatting_func, completion_only)
         if not isinstance(text, str) or not text:
             raise _bad(i, "formatting_func", "must return a non-empty string")
         ids = _ids(tokenizer, text, special=True)
-        return _with_eos(tokenizer, ids, [True] * len(ids))
+        return _masked_with_eos(tokenizer, ids, [True] * len(ids))
     if "input_ids" in row:
-        ids = row["input_ids"]
-        if not isinstance(ids, list) or not ids or not all(isinstance(t, int) for t in ids):
-            raise _bad(i, "input_ids", "expected a non-empty list of token ids")
-        labels = row.get("labels")
-        if labels is None:
-            return list(ids), [True] * len(ids)
-        if not isinstance(labels, list) or len(labels) != len(ids):
-            raise _bad(i, "labels", f"expected {len(ids)} labels, one per input id")
-        return list(ids), [label != IGNORE_INDEX for label in labels]
+        ids, labels = _pretokenized(row, i, "input_ids", "labels", "labels")
+        return ids, ([True] * len(ids) if labels is None else [label != IGNORE_INDEX for label in labels])
     if "messages" in row:
-        ids, mask = _conversation(tokenizer, row["messages"], i, completion_only)
-        return _with_eos(tokenizer, ids, mask)
+        ids, mask = _conversation(tokenizer, _messages(row, i, "messages"), i, completion_only)
+        return _masked_with_eos(tokenizer, ids, mask)
     if "prompt" in row or "completion" in row:
         prompt = _ids(tokenizer, _text(row, i, "prompt"), special=True)
         completion = _ids(tokenizer, _text(row, i, "completion"), special=False)
         mask = [not completion_only] * len(prompt) + [True] * len(completion)
-        return _with_eos(tokenizer, prompt + completion, mask)
+        return _masked_with_eos(tokenizer, prompt + completion, mask)
     ids = _ids(tokenizer, _text(row, i, text_field or "text"), special=True)
-    return _with_eos(tokenizer, ids, [True] * len(ids))
+    return _masked_with_eos(tokenizer, ids, [True] * len(ids))
 
 
 def check_truncation(max_length, truncation_mode) -> None:

@@ -29,18 +29,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .formats import TRUNCATION_MODES, _bad, _ids, _text
+from .formats import TokenizeReport, _bad, _column, _ids, _messages, _pretokenized, _text, _with_eos, check_truncation
 from .packing import Sequence
-
-
-@dataclass
-class PairReport:
-    rows: int = 0
-    truncated: int = 0
-    dropped: int = 0
-
-    def __str__(self) -> str:
-        return f"{self.rows} pairs: {self.truncated} truncated, {self.dropped} dropped (bad pairs)"
 
 
 @dataclass
@@ -72,43 +62,26 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _eos(tokenizer, ids: list[int]) -> list[int]:
-    eos = tokenizer.eos_token_id
-    return ids + [eos] if eos is not None and (not ids or ids[-1] != eos) else ids
-
-
-def _messages(value, i, column):
-    if not value or not all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
-        raise _bad(i, column, "expected a non-empty list of {role, content} messages")
-    return value
-
-
-def _pretokenized(row, i, half):
-    ids, mask = row.get(f"input_ids_{half}"), row.get(f"attention_mask_{half}")
-    if not isinstance(ids, list) or not ids or not all(isinstance(t, int) for t in ids):
-        raise _bad(i, f"input_ids_{half}", "expected a non-empty list of token ids")
-    if mask is None:
-        return list(ids)
-    if not isinstance(mask, list) or len(mask) != len(ids):
-        raise _bad(i, f"attention_mask_{half}", f"expected {len(ids)} entries, one per input id")
-    return [t for t, m in zip(ids, mask) if m]
+def _attended(row, i, half) -> list[int]:
+    """The pre-tokenized ids of one half where its attention mask (if any) is 1."""
+    ids, mask = _pretokenized(row, i, f"input_ids_{half}", f"attention_mask_{half}", "entries")
+    return ids if mask is None else [t for t, m in zip(ids, mask) if m]
 
 
 def _split(tokenizer, row, i) -> tuple[list[int], list[int], list[int], list[int]]:
     """``(prompt_c, completion_c, prompt_r, completion_r)`` token ids of one row."""
     if "input_ids_chosen" in row:
-        full_c, full_r = _pretokenized(row, i, "chosen"), _pretokenized(row, i, "rejected")
+        full_c, full_r = _attended(row, i, "chosen"), _attended(row, i, "rejected")
         n = _common_prefix(full_c, full_r)
         return full_c[:n], full_c[n:], full_r[:n], full_r[n:]
     for column in ("chosen", "rejected"):
-        if column not in row:
-            raise _bad(i, column, f"missing (the row has {sorted(row)})")
+        _column(row, i, column)  # a missing one named first, whatever else is wrong
     if isinstance(row["chosen"], list):  # conversational
-        chosen, rejected = _messages(row["chosen"], i, "chosen"), _messages(row["rejected"], i, "rejected")
+        chosen, rejected = _messages(row, i, "chosen"), _messages(row, i, "rejected")
         render = lambda msgs, gen=False: _ids(  # noqa: E731
             tokenizer, tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen), special=False)
         if row.get("prompt") is not None:
-            prompt = _messages(row["prompt"], i, "prompt")
+            prompt = _messages(row, i, "prompt")
             prompt_ids = render(prompt, gen=True)
             full_c, full_r = render(prompt + chosen), render(prompt + rejected)
         else:
@@ -123,7 +96,7 @@ def _split(tokenizer, row, i) -> tuple[list[int], list[int], list[int], list[int
         full_c = _ids(tokenizer, _text(row, i, "chosen"), special=True)
         full_r = _ids(tokenizer, _text(row, i, "rejected"), special=True)
         prompt_ids = full_c[:_common_prefix(full_c, full_r)]
-    full_c, full_r = _eos(tokenizer, full_c), _eos(tokenizer, full_r)
+    full_c, full_r = _with_eos(tokenizer, full_c), _with_eos(tokenizer, full_r)
     n_c, n_r = _common_prefix(prompt_ids, full_c), _common_prefix(prompt_ids, full_r)
     return full_c[:n_c], full_c[n_c:], full_r[:n_r], full_r[n_r:]
 
@@ -150,15 +123,14 @@ def truncate_pair(prompt_c, chosen, prompt_r, rejected, max_length, max_prompt_l
 
 
 def tokenize_pairs(rows, tokenizer, *, max_length=512, max_prompt_length=128, truncation_mode="keep_end",
-                   drop_bad_pairs=False) -> tuple[list[Pair], PairReport]:
+                   drop_bad_pairs=False) -> tuple[list[Pair], TokenizeReport]:
     """``(pairs, report)`` from any iterable of preference rows (a ``datasets.Dataset``)."""
-    if truncation_mode not in TRUNCATION_MODES:
-        raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {truncation_mode!r}")
+    check_truncation(max_length, truncation_mode)
     if max_length is not None:
         if max_prompt_length is None or not 0 < max_prompt_length < max_length:
             raise ValueError(f"max_prompt_length must be in [1, max_length={max_length}), got {max_prompt_length}: "
                              "the completions need room")
-    pairs, report = [], PairReport()
+    pairs, report = [], TokenizeReport(unit="pairs", dropped_because="bad pairs")
     for i, row in enumerate(rows):
         report.rows += 1
         prompt_c, chosen, prompt_r, rejected = _split(tokenizer, row, i)

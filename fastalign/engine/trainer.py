@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from transformers import set_seed
@@ -29,6 +30,8 @@ from . import distributed
 from .config import TrainingConfig
 from .engine import Engine
 from .metrics import MetricsLogger
+
+T = TypeVar("T")
 
 
 class Checkpointing:
@@ -126,10 +129,13 @@ class Trainer(Checkpointing):
             order = torch.randperm(len(order), generator=torch.Generator().manual_seed(self.args.seed + epoch)).tolist()
         return [self.train_batches[i] for i in order[k * self.group_size:(k + 1) * self.group_size]]
 
-    def _my_share(self, batches: list[PackedBatch], size: int) -> list[tuple[PackedBatch, bool]]:
-        """This process's part of ``batches`` padded to ``size`` (a multiple of the world size),
-        each with whether it counts: the padding is a weight-0 copy, so every process runs as
-        many forwards as the others."""
+    def _my_share(self, batches: list[T], size: int | None = None) -> list[tuple[T, bool]]:
+        """This process's part of ``batches`` (or of their indices) padded to ``size`` (a multiple of
+        the world size; by default the smallest that holds them all), each with whether it counts:
+        the padding is a weight-0 copy of the first, so every process runs as many forwards as the
+        others."""
+        if size is None:
+            size = math.ceil(len(batches) / self.world_size) * self.world_size
         padded = batches + [None] * (size - len(batches))
         mine = padded[distributed.rank()::self.world_size]
         return [(b, True) if b is not None else (batches[0], False) for b in mine]
@@ -183,9 +189,8 @@ class Trainer(Checkpointing):
             return {}
         was_training = self.model.training
         self.model.eval()
-        size = math.ceil(len(self.eval_batches) / self.world_size) * self.world_size
         with torch.no_grad():
-            sums = self._pass(self._my_share(self.eval_batches, size))
+            sums = self._pass(self._my_share(self.eval_batches))
         self.model.train(was_training)
         weight = sums.pop("_weight")
         for key in ("_tokens", "_real_tokens"):

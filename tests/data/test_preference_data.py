@@ -118,6 +118,10 @@ def test_bad_pairs_raise_naming_the_row_or_are_dropped_and_counted():
     ({"prompt": "1=", "chosen": "", "rejected": "2"}, "chosen"),
     ({"prompt": "1=", "chosen": 3, "rejected": "2"}, "chosen"),
     ({"chosen": [{"role": "user"}], "rejected": [{"role": "user", "content": "x"}]}, "chosen"),
+    # Not a list at all (these raised a bare TypeError, naming nothing).
+    ({"chosen": [{"role": "user", "content": "x"}], "rejected": 5}, "rejected"),
+    ({"prompt": 5, "chosen": [{"role": "user", "content": "x"}], "rejected": [{"role": "user", "content": "y"}]},
+     "prompt"),
     ({"input_ids_chosen": [1, 2], "attention_mask_chosen": [1], "input_ids_rejected": [1, 3]}, "attention_mask_chosen"),
     ({"prompt": "1=", "chosen": "1", "rejected": "2", "margin": float("nan")}, "margin"),
 ])

@@ -139,8 +139,8 @@ def check_truncation(max_length, truncation_mode) -> None:
 
 def kept_part(length: int, max_length: int, truncation_mode: str) -> slice:
     """The tokens a sequence of ``length`` keeps when cut to ``max_length``: its first
-    (``keep_start``) or last (``keep_end``) ones."""
-    return slice(0, max_length) if truncation_mode == "keep_start" else slice(length - max_length, None)
+    (``keep_start``) or last (``keep_end``) ones; all of them when it is not longer."""
+    return slice(0, max_length) if truncation_mode == "keep_start" else slice(max(0, length - max_length), None)
 
 
 def tokenize_sft(

@@ -2,7 +2,7 @@
 
 import pytest
 
-from fastalign.data.formats import tokenize_sft
+from fastalign.data.formats import kept_part, tokenize_sft
 from fastalign.models.tiny import char_tokenizer
 
 TOK = char_tokenizer()
@@ -76,3 +76,11 @@ def test_bad_options():
         tokenize_sft([], TOK, truncation_mode="middle")
     with pytest.raises(ValueError, match="max_length must be at least 2"):
         tokenize_sft([], TOK, max_length=1)
+
+
+@pytest.mark.parametrize("mode", ["keep_start", "keep_end"])
+def test_kept_part_cuts_only_longer_sequences(mode):
+    ids = list(range(7))
+    assert ids[kept_part(7, 10, mode)] == ids
+    assert ids[kept_part(7, 7, mode)] == ids
+    assert ids[kept_part(7, 3, mode)] == ([0, 1, 2] if mode == "keep_start" else [4, 5, 6])

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import random
 import re
 import time
@@ -44,7 +45,7 @@ from transformers import set_seed
 
 from fastalign.data import IGNORE_INDEX, Sequence, pack, plan_batches
 from fastalign.engine import Engine, TrainingConfig, distributed
-from fastalign.engine.engine import adamw
+from fastalign.engine.engine import adamw, planned_zero_stage
 from fastalign.engine.metrics import MetricsLogger
 from fastalign.engine.trainer import Checkpointing, peak_memory_gb
 from fastalign.kernels import segment_sum
@@ -60,6 +61,7 @@ from fastalign.models import (
     load_model,
     load_reward_model,
     packed_hidden,
+    packed_logprobs_and_values,
     packed_scores,
     prepare_model,
 )
@@ -279,6 +281,10 @@ class PPOTrainer(Checkpointing):
     AdamW at ``learning_rate``; ``lr_scheduler``, if given, steps once per PPO step (as in TRL).
     ``reward_model`` (a RewardTrainer's model, a name or path) scores packed query+response
     sequences in ``train()`` when no ``reward_fn`` is given; it must share the policy's tokenizer.
+
+    ``global_step`` counts the PPO steps done, every ``step()`` call whether by hand or from
+    ``train()`` (``current_step``, TRL's name, is the same counter): a checkpoint is named after
+    it, and a run resumed from that checkpoint, like ``train()`` on this trainer, goes on from it.
     """
 
     model_loader = staticmethod(load_model)
@@ -303,7 +309,7 @@ class PPOTrainer(Checkpointing):
         self.model, self.tokenizer = model, tokenizer
         self.is_peft_model = model.is_peft()
         self.world_size = distributed.world_size()
-        stage = self._planned_zero_stage()
+        stage = planned_zero_stage(config)
         if ref_model is not None:
             ref_model = load_model(ref_model)[0].requires_grad_(False)
         elif not self.is_peft_model:
@@ -337,13 +343,17 @@ class PPOTrainer(Checkpointing):
                 raise ValueError(f"the dataset has {len(self.dataset)} prompts, fewer than one PPO batch "
                                  f"(batch_size {config.batch_size} x {self.world_size} processes)")
             self.dataloader = self._dataloader()
-        self.current_step = self.global_step = 0
+        self.global_step = 0  # PPO steps done (step() calls)
         self.logger = None
 
-    def _planned_zero_stage(self) -> int | None:
-        if self.config.deepspeed is None and self.world_size == 1:
-            return None
-        return int(distributed.deepspeed_config(self.config)["zero_optimization"].get("stage", 0))
+    @property
+    def current_step(self) -> int:
+        """TRL's name for ``global_step``: the PPO steps done."""
+        return self.global_step
+
+    @current_step.setter
+    def current_step(self, value: int) -> None:
+        self.global_step = value
 
     # ---- data ----------------------------------------------------------------------------------
     def _prepare_dataset(self, dataset) -> list[dict]:
@@ -483,13 +493,10 @@ class PPOTrainer(Checkpointing):
     def _reference_context(self):
         return self.model.pretrained_model.disable_adapter() if self.ref_model is None else contextlib.nullcontext()
 
-    def _policy_outputs(self, batch, pos):
-        """Policy log-probs, values and hidden states at ``pos`` (run inside the engine's forward)."""
-        hidden = packed_hidden(self.model, batch)[pos]
-        return head_logprobs(self.model, hidden, batch.labels[pos]), self.model.v_head(hidden).float(), hidden
-
-    def _reference_outputs(self, batch, pos):
+    def _reference_outputs(self, batch):
+        """The reference's log-probs and hidden states at the loss positions, and the model."""
         model = self.ref_model if self.ref_model is not None else self.model.pretrained_model
+        pos = (batch.labels != IGNORE_INDEX).nonzero()[:, 0]
         with self._reference_context():
             hidden = packed_hidden(model, batch)[pos]
             return head_logprobs(model, hidden, batch.labels[pos]), hidden, model
@@ -512,15 +519,14 @@ class PPOTrainer(Checkpointing):
         self.model.eval()
         try:
             for samples, batch in self._rows(units):
-                pos = (batch.labels != IGNORE_INDEX).nonzero()[:, 0]
                 with self.engine.autocast():
-                    logp, values, hidden = self.engine.forward(self._policy_outputs, batch, pos)
-                    ref_logp, ref_hidden, ref = self._reference_outputs(batch, pos)
-                    kls = _full_kl(self.model, hidden, ref, ref_hidden) if full else None
+                    policy = self.engine.forward(functools.partial(packed_logprobs_and_values, self.model), batch)
+                    ref_logp, ref_hidden, ref = self._reference_outputs(batch)
+                    kls = _full_kl(self.model, policy.hidden, ref, ref_hidden) if full else None
                 if not samples:
                     continue
                 dest = rollout.positions(samples)
-                flat["logp"][dest], flat["ref"][dest], flat["values"][dest] = logp, ref_logp, values
+                flat["logp"][dest], flat["ref"][dest], flat["values"][dest] = policy.logprobs, ref_logp, policy.values
                 if full:
                     flat["kls"][dest] = kls
         finally:
@@ -599,15 +605,13 @@ class PPOTrainer(Checkpointing):
 
     def _minibatch_loss(self, batch, old: dict):
         """The PPO loss of one packed mini-batch (run inside the engine's forward)."""
-        pos = (batch.labels != IGNORE_INDEX).nonzero()[:, 0]
-        hidden = packed_hidden(self.model, batch)[pos]
-        logp, entropy = head_logprobs(self.model, hidden, batch.labels[pos], return_entropy=True)
-        vpred = self.model.v_head(hidden).float()
+        new = packed_logprobs_and_values(self.model, batch, return_entropy=True)
         c = self.config
         row = lambda t: t.unsqueeze(0)  # noqa: E731  one packed row: masked means over all its tokens
-        pg, vf, stats = ppo_loss(row(old["logprobs"]), row(old["values"]), row(vpred), row(logp), row(old["mask"]),
-                                 row(old["advantages"]), row(old["returns"]), c.cliprange, c.cliprange_value, c.vf_coef,
-                                 ratio_threshold=c.ratio_threshold, entropy=row(entropy.detach()))
+        pg, vf, stats = ppo_loss(row(old["logprobs"]), row(old["values"]), row(new.values), row(new.logprobs),
+                                 row(old["mask"]), row(old["advantages"]), row(old["returns"]), c.cliprange,
+                                 c.cliprange_value, c.vf_coef, ratio_threshold=c.ratio_threshold,
+                                 entropy=row(new.entropy.detach()))
         return pg + vf, stats
 
     def _optimize(self, r: Rollout) -> tuple[list[dict], int]:
@@ -667,7 +671,7 @@ class PPOTrainer(Checkpointing):
         self.kl_ctl.update(stats["objective/kl"], self.config.batch_size * self.world_size)
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
-        self.current_step += 1
+        self.global_step += 1
         self.last_rollout = r
         return stats
 
@@ -714,10 +718,14 @@ class PPOTrainer(Checkpointing):
               generation_batch_size: int = 64) -> dict:
         """PPO over ``dataset``: per step, ``batch_size`` prompts, sampled responses, their scores
         (``reward_fn(queries, responses)`` on the decoded texts, returning one float each, or the
-        reward model), then ``step``. Runs ``max_steps`` steps when set, else ``ceil(steps /
-        batch_size)`` (TRL's ``total_ppo_epochs``). Logs every step's scalar stats to
+        reward model), then ``step``. The run is ``max_steps`` PPO steps when set, else ``ceil(steps /
+        batch_size)`` (TRL's ``total_ppo_epochs``), counted in ``global_step``: ``train()`` goes on
+        from the steps already done (the resumed checkpoint's, or ``step()`` calls made by hand) up
+        to that total, step ``k`` on the dataloader's ``k``-th batch, so it runs nothing once the
+        total is reached (raise ``max_steps`` to go on). Logs every step's scalar stats to
         ``metrics.jsonl`` (and the bar), checkpoints every ``save_steps``, saves the model (value
-        head included) to ``output_dir`` at the end. Returns the last step's scalar stats."""
+        head included) to ``output_dir`` at the end. Returns the last step's scalar stats and
+        ``steps``, the number this call ran."""
         c = self.config
         if self.dataloader is None:
             raise ValueError("train() needs the dataset of prompts given to PPOTrainer(dataset=...)")
@@ -725,14 +733,16 @@ class PPOTrainer(Checkpointing):
             raise ValueError("train() needs a reward_fn or the PPOTrainer's reward_model")
         total = c.max_steps if c.max_steps > 0 else c.total_ppo_epochs
         kwargs = {"max_new_tokens": 32, "do_sample": True, "top_k": 0, "top_p": 1.0, **(generation_kwargs or {})}
-        start = self._resume() if c.resume_from_checkpoint else 0
-        self.logger = MetricsLogger(c.output_dir, total, start, c.report_to, enabled=distributed.is_main(),
-                                    show_bar=not c.disable_tqdm, bar_keys=BAR_KEYS)
+        resumed = bool(c.resume_from_checkpoint)
+        start = self._resume() if resumed else self.global_step
+        # A resumed run keeps metrics.jsonl's records up to its checkpoint; a fresh one starts it anew.
+        self.logger = MetricsLogger(c.output_dir, total, start if resumed else 0, c.report_to,
+                                    enabled=distributed.is_main(), show_bar=not c.disable_tqdm, bar_keys=BAR_KEYS,
+                                    bar_initial=start)
         began, last = time.perf_counter(), {}
         batches = self._prompt_batches(skip=start)
         try:
-            for step in range(start, total):
-                self.global_step = step
+            for _ in range(start, total):
                 batch = next(batches)
                 queries = batch["input_ids"]
                 t0 = time.perf_counter()
@@ -747,7 +757,7 @@ class PPOTrainer(Checkpointing):
                 stats = self.step(queries, responses, scores)
                 stats.update({"time/ppo/generation": t1 - t0, "time/ppo/scoring": t2 - t1,
                               "peak_memory_gb": peak_memory_gb(self.engine.device)})
-                self.global_step = done = step + 1
+                done = self.global_step
                 last = {k: v for k, v in stats.items() if k not in SCALAR_ARRAYS}
                 if done % c.logging_steps == 0 or done == total:
                     self.logger.log(done, last)
@@ -757,14 +767,14 @@ class PPOTrainer(Checkpointing):
             self.save_model(c.output_dir)
         finally:
             self.logger.close()
-        return {**last, "train_runtime": time.perf_counter() - began, "steps": total - start}
+        return {**last, "train_runtime": time.perf_counter() - began, "steps": max(total - start, 0)}
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def extra_state(self) -> dict:
         running = {k: getattr(self.running, k) for k in ("mean", "std", "var", "count")}
         scheduler = None if self.lr_scheduler is None else self.lr_scheduler.state_dict()
         return {"ppo": {"kl_coef": self.kl_ctl.value, "running": running, "perm": self.perm_generator.get_state(),
-                        "current_step": self.current_step, "lr_scheduler": scheduler}}
+                        "lr_scheduler": scheduler}}
 
     def load_extra_state(self, state: dict) -> None:
         ppo = state["ppo"]
@@ -772,7 +782,6 @@ class PPOTrainer(Checkpointing):
         for k, v in ppo["running"].items():
             setattr(self.running, k, v)
         self.perm_generator.set_state(ppo["perm"])
-        self.current_step = ppo["current_step"]
         if self.lr_scheduler is not None and ppo.get("lr_scheduler") is not None:
             self.lr_scheduler.load_state_dict(ppo["lr_scheduler"])
 

@@ -32,6 +32,16 @@ def warmup_steps(config: TrainingConfig, num_training_steps: int) -> int:
     return config.warmup_steps if config.warmup_steps > 0 else math.ceil(config.warmup_ratio * num_training_steps)
 
 
+def planned_zero_stage(config: TrainingConfig) -> int | None:
+    """The ZeRO stage a run with ``config`` trains under, None without DeepSpeed: DeepSpeed runs
+    when the config names a DeepSpeed config or there are several processes (stage 0 unless the
+    DeepSpeed config says otherwise). Known before the ``Engine`` exists, e.g. to decide what a
+    trainer builds beside the trained model."""
+    if config.deepspeed is None and distributed.world_size() == 1:
+        return None
+    return int(distributed.deepspeed_config(config)["zero_optimization"].get("stage", 0))
+
+
 def enable_checkpointing(model) -> None:
     """Recompute activations in backward (transformers renamed the switch; take either name)."""
     kwargs = {"use_reentrant": False}
@@ -77,7 +87,7 @@ class Engine:
             num_warmup_steps=warmup_steps(config, num_training_steps), num_training_steps=num_training_steps,
         )
         self.deepspeed = None
-        if config.deepspeed is not None or self.world_size > 1:
+        if planned_zero_stage(config) is not None:
             self.deepspeed = distributed.initialize_training(self, config)
 
     @property

@@ -8,19 +8,21 @@ model with its own ``save_pretrained`` (loadable alone by ``AutoModelForCausalLM
 
 The wrapper exposes what the packed forward reads (``config``, ``base_model``, the output
 embeddings), so ``packed_hidden`` and ``packed_logprobs`` take it as they take the bare model, and
-``packed_logprobs_and_values`` gets both from one body call.
+``packed_logprobs_and_values`` (the policy forward of PPO) gets log-probs and values from one body
+call.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from fastalign.data import IGNORE_INDEX, PackedBatch
 
-from .packed import body, packed_hidden, packed_logprobs
+from .packed import body, head_logprobs, packed_hidden
 
 HEAD_FILE = "value_head.safetensors"
 
@@ -122,11 +124,23 @@ class CausalLMWithValueHead(nn.Module):
         return wrapped
 
 
-def packed_logprobs_and_values(model, batch: PackedBatch, temperature: float = 1.0):
-    """fp32 ``(logprobs [N], values [N])`` from one body call: the log-prob of each token's label
-    (0 where no loss is taken) and the value head at every loss position (0 elsewhere)."""
-    hidden = packed_hidden(model, batch)
-    logp = packed_logprobs(model, batch, temperature, hidden=hidden)
+class PolicyOutputs(NamedTuple):
+    """What the policy forward gives at a packed batch's ``M`` loss positions, in order."""
+
+    logprobs: torch.Tensor  # fp32 [M]: the log-prob of each position's label
+    values: torch.Tensor  # fp32 [M]: the value head
+    hidden: torch.Tensor  # [M, H]: the final hidden states the heads read
+    entropy: torch.Tensor | None = None  # fp32 [M], with return_entropy
+
+
+def packed_logprobs_and_values(model, batch: PackedBatch, temperature: float = 1.0,
+                               return_entropy: bool = False) -> PolicyOutputs:
+    """The policy forward of a value-head model: one body call over the packed row, then the
+    heads at its loss positions only (a PPO batch's response tokens): the fused lm_head (no
+    ``[N, V]`` logits; log-probs at ``temperature``, and each position's entropy with
+    ``return_entropy``) and the value head."""
     pos = (batch.labels != IGNORE_INDEX).nonzero()[:, 0]
-    values = torch.zeros(batch.num_tokens, dtype=torch.float32, device=hidden.device)
-    return logp, values.index_put((pos,), model.v_head(hidden[pos]).float())
+    hidden = packed_hidden(model, batch)[pos]
+    heads = head_logprobs(model, hidden, batch.labels[pos], temperature, return_entropy)
+    logp, entropy = heads if return_entropy else (heads, None)
+    return PolicyOutputs(logp, model.v_head(hidden).float(), hidden, entropy)

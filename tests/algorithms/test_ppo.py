@@ -445,7 +445,8 @@ def test_train_logs_trl_stats_and_saves_a_value_head_model(tmp_path):
     from fastalign.models import packed_logprobs_and_values
 
     with torch.no_grad():
-        torch.testing.assert_close(packed_logprobs_and_values(loaded, b)[1], packed_logprobs_and_values(t.model, b)[1])
+        torch.testing.assert_close(packed_logprobs_and_values(loaded, b).values,
+                                   packed_logprobs_and_values(t.model, b).values)
 
 
 def test_train_needs_a_reward_and_prompts(tmp_path):
@@ -486,12 +487,40 @@ def test_a_given_lr_scheduler_is_checkpointed_and_resumed(tmp_path):
     first = build()
     for seed in range(2):
         first.step(*samples(seed=seed))
-    first.global_step = 2
     first.save_checkpoint()
     resumed = build(resume=True)
-    resumed._resume()
+    assert resumed._resume() == 2
     assert resumed.lr_scheduler.last_epoch == first.lr_scheduler.last_epoch == 2
     assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.25)
+
+
+def test_steps_by_hand_count_in_checkpoints_and_train(tmp_path):
+    """``global_step`` (TRL's ``current_step``) counts every ``step()`` call: a checkpoint saved after
+    2 steps by hand is checkpoint-2 and resumes at 2, and ``train()`` on that trainer goes on from 2
+    exactly as the resumed one does (the steps by hand used to leave the checkpoint named 0, and
+    ``train()`` started the run over)."""
+    def build(out, resume=None):
+        config = PPOConfig(batch_size=8, mini_batch_size=4, ppo_epochs=1, max_steps=3, output_dir=str(out),
+                           disable_tqdm=True, resume_from_checkpoint=resume, use_score_scaling=True,
+                           learning_rate=1e-3)
+        return PPOTrainer(config, small(), tokenizer=char_tokenizer(), dataset=rows())
+
+    live = build(tmp_path / "a")
+    for seed in range(2):
+        live.step(*samples(seed=seed))
+    assert live.global_step == live.current_step == 2
+    path = live.save_checkpoint()
+    assert path.name == "checkpoint-2"
+    assert live.train(digit_reward, {"max_new_tokens": 4})["steps"] == 1 and live.current_step == 3
+    records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [3]
+
+    resumed = build(tmp_path / "b", resume=str(path))
+    assert resumed.train(digit_reward, {"max_new_tokens": 4})["steps"] == 1 and resumed.current_step == 3
+    assert resumed.kl_ctl.value == live.kl_ctl.value and resumed.running.count == live.running.count
+    for k, v in weights(live.model).items():
+        torch.testing.assert_close(weights(resumed.model)[k], v, rtol=0, atol=0, msg=k)
+    assert live.train(digit_reward)["steps"] == 0  # the run's max_steps are done: raise it to go on
 
 
 def test_bad_samples_name_the_sample(tmp_path):

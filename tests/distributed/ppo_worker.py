@@ -16,7 +16,8 @@ RUN (default ``step``):
     ``HORIZON x processes`` to keep the coefficient's path the same for any number of processes.
 ``train``
     ``train()`` for 2 steps on sort-digits prompts (each process draws its own, the
-    DistributedSampler) with a digit-count reward, once with ``max_new_tokens`` 4 and once with 8
+    DistributedSampler) with a digit-count reward, once with ``max_new_tokens`` 4 and then 2 steps
+    more (``max_steps`` raised: ``train()`` goes on from the steps done) with 8
     (``eos_token_id=None``: exactly that many new tokens). Every collective call made during each
     ``generate`` is counted, by name; under ZeRO-3 the policy's parameters are gathered once per
     rollout, so the counts must not grow with the number of new tokens. Then the same generations
@@ -183,7 +184,7 @@ def digit_reward(queries, responses):
 
 def run_train(out, deepspeed, report, flush) -> None:
     rows = [{"query": row["prompt"]} for row in make_rows(64, seed=0)]
-    config = PPOConfig(batch_size=4, mini_batch_size=2, ppo_epochs=1, max_steps=2, learning_rate=1e-3,
+    config = PPOConfig(batch_size=4, mini_batch_size=2, ppo_epochs=1, learning_rate=1e-3,
                        deepspeed=deepspeed, seed=0, disable_tqdm=True, output_dir=out)
     trainer = PPOTrainer(config=config, model=policy(), tokenizer=char_tokenizer(), dataset=rows)
     generate, into = trainer.generate, {"key": None}  # the report's list the next generations go to
@@ -203,6 +204,7 @@ def run_train(out, deepspeed, report, flush) -> None:
     for k in NEW_TOKENS:
         into["key"] = f"k{k}"
         report[into["key"]] = []
+        config.max_steps = trainer.global_step + 2  # train() runs up to max_steps: 2 more steps
         result = trainer.train(reward_fn=digit_reward,
                                generation_kwargs={"max_new_tokens": k, "do_sample": True, "eos_token_id": None})
         report[f"k{k}_steps_run"] = result["steps"]

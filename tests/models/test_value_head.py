@@ -1,4 +1,5 @@
-"""The value-head model: packed values and log-probs from one body call, saving and loading, dropout."""
+"""The value-head model: the policy forward (log-probs, values, entropy at the loss positions from one body
+call), saving and loading, dropout."""
 
 import pytest
 import torch
@@ -22,23 +23,36 @@ def batch():
 def test_packed_values_and_logprobs_equal_each_sequence_alone():
     model = CausalLMWithValueHead(small()).eval()
     seqs, b = batch()
+    where = b.labels != -100  # the loss positions, in order
     with torch.no_grad():
-        logp, values = packed_logprobs_and_values(model, b)
-        assert torch.allclose(logp, packed_logprobs(model, b), atol=1e-6)
-        cu = b.cu_seqlens.tolist()
-        for s, start in zip(seqs, cu):
-            _, _, alone = model(input_ids=torch.tensor([s.input_ids]))
-            n = len(s.input_ids)
-            where = b.labels[start:start + n] != -100  # loss positions of this sequence
-            assert torch.allclose(values[start:start + n][where], alone[0][where], atol=1e-5)
-            assert (values[start:start + n][~where] == 0).all()
+        out = packed_logprobs_and_values(model, b)
+        assert out.entropy is None and out.hidden.shape == (int(where.sum()), 32)
+        assert torch.allclose(out.logprobs, packed_logprobs(model, b)[where], atol=1e-6)
+        alone = []
+        for s, start in zip(seqs, b.cu_seqlens.tolist()):
+            _, _, values = model(input_ids=torch.tensor([s.input_ids]))
+            alone.append(values[0][where[start:start + len(s.input_ids)]])  # this sequence's loss positions
+        assert torch.allclose(out.values, torch.cat(alone), atol=1e-5)
+
+
+def test_entropy_and_temperature_match_the_logits():
+    model = CausalLMWithValueHead(small()).eval()
+    _, b = batch()
+    labels = b.labels[b.labels != -100]
+    with torch.no_grad():
+        logits = model.get_output_embeddings()(packed_logprobs_and_values(model, b).hidden).float()
+        for temperature in (1.0, 0.7):
+            out = packed_logprobs_and_values(model, b, temperature=temperature, return_entropy=True)
+            logp = torch.log_softmax(logits / temperature, -1)
+            torch.testing.assert_close(out.logprobs, logp.gather(-1, labels[:, None])[:, 0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(out.entropy, -(logp.exp() * logp).sum(-1), atol=1e-5, rtol=1e-5)
 
 
 def test_gradients_reach_the_head_and_the_body():
     model = CausalLMWithValueHead(small())
     _, b = batch()
-    logp, values = packed_logprobs_and_values(model, b)
-    (values.sum() + logp.sum()).backward()
+    out = packed_logprobs_and_values(model, b)
+    (out.values.sum() + out.logprobs.sum()).backward()
     assert model.v_head.summary.weight.grad.abs().sum() > 0
     assert model.pretrained_model.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
 
@@ -47,9 +61,9 @@ def test_dropout_acts_in_training_mode_only():
     model = CausalLMWithValueHead(small(), summary_dropout_prob=0.5)
     _, b = batch()
     with torch.no_grad():
-        a, c = packed_logprobs_and_values(model.train(), b)[1], packed_logprobs_and_values(model, b)[1]
+        a, c = packed_logprobs_and_values(model.train(), b).values, packed_logprobs_and_values(model, b).values
         assert not torch.equal(a, c)
-        e, f = packed_logprobs_and_values(model.eval(), b)[1], packed_logprobs_and_values(model, b)[1]
+        e, f = packed_logprobs_and_values(model.eval(), b).values, packed_logprobs_and_values(model, b).values
         assert torch.equal(e, f)
 
 
@@ -63,7 +77,8 @@ def test_saves_in_hf_format_and_loads_back(tmp_path):
     with torch.no_grad():
         want = packed_logprobs_and_values(model, b)
         got = packed_logprobs_and_values(again, b)
-        assert torch.allclose(got[0], want[0], atol=1e-6) and torch.allclose(got[1], want[1], atol=1e-6)
-        assert torch.allclose(packed_logprobs(lm, b), want[0], atol=1e-6)
+        assert torch.allclose(got.logprobs, want.logprobs, atol=1e-6)
+        assert torch.allclose(got.values, want.values, atol=1e-6)
+        assert torch.allclose(packed_logprobs(lm, b)[b.labels != -100], want.logprobs, atol=1e-6)
     with pytest.raises(ValueError, match="v_head_init_strategy"):
         CausalLMWithValueHead(small(), v_head_init_strategy="xavier")

@@ -2,6 +2,7 @@
 #   make test    create or reuse .venv, install, run the test suite
 #   make bench   run the kernel benchmarks and write benchmarks/out/results.md
 #   make bench-peers  fastalign against TRL end to end (DPO, reward, SFT); makes the peer venv first
+#   make gpu-wheels  what travels to a GPU machine without a package index (benchmarks/gpu_session.sh)
 #   make demo    the embedded demo: a tiny model learns to sort digits, then DDPO, on this CPU (runs/demo)
 PYTHON ?= python3
 VENV ?= .venv
@@ -16,7 +17,7 @@ PYTEST_ARGS ?=
 # the demo model took 0.96 s with 2 spinning threads and 0.016 s with passive ones (2026-11-21).
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install test bench bench-peers demo clean
+.PHONY: install test bench bench-peers gpu-wheels demo clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +64,16 @@ $(PEERS_STAMP):
 # PEERS_ARGS="--quick --chart benchmarks/out/vs_trl/quick.png".
 bench-peers: install $(PEERS_STAMP)
 	$(PY) -m benchmarks.peers --peer-python $(PEERS_PY) --chart benchmarks/vs_trl.png $(PEERS_ARGS)
+
+# For a GPU machine with no package index (benchmarks/gpu_session.sh runs there): the pure-Python
+# packages it may lack, as wheels for Python 3.12 in .whl/, and the HH-RLHF pairs in .gpu/ (both
+# ignored by git; they travel with the working tree, about 3 MB).
+GPU_WHEELS ?= $(TRL_SPEC) $(LIGER_SPEC) datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+gpu-wheels:
+	mkdir -p .whl .gpu
+	$(PYTHON) -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
+	cp ../shared/data/hh-rlhf-harmless-base-test.jsonl.gz .gpu/
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks benchmarks/out

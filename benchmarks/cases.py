@@ -48,14 +48,21 @@ class Case:
         return f"{self.op} {dims} {self.dtype}"
 
 
-# The issue's reference shape (a Llama-3-sized vocabulary), and selective_logprobs shapes (also
-# Qwen2's 152k vocabulary, in bf16 and fp32).
+# On the CPU: the reference shape (a Llama-3-sized vocabulary) in fp32 and bf16; a 32k vocabulary
+# at hidden 8192 (1k tokens) and at 16k tokens; selective_logprobs also at Qwen2's 152k vocabulary;
+# the DPO loss at the reference shape and at a Llama-2-7B-sized head (hidden 4096, 32k vocabulary).
+# Shapes of 64k tokens and hidden 4096-8192 at 128k+ vocabularies are GPU-only (minutes per round here).
 CPU_CASES = [
     Case("linear_logprobs", 4096, 1024, 128256, "fp32"),
+    Case("linear_logprobs", 4096, 1024, 128256, "bf16"),
+    Case("linear_logprobs", 1024, 8192, 32000, "fp32"),
+    Case("linear_logprobs", 16384, 1024, 32000, "bf16"),
     Case("selective_logprobs", 4096, 0, 128256, "fp32"),
     Case("selective_logprobs", 4096, 0, 152064, "fp32"),
     Case("selective_logprobs", 4096, 0, 152064, "bf16"),
     Case("fused_preference_loss", 16 * 512, 1024, 128256, "fp32"),
+    Case("fused_preference_loss", 16 * 512, 1024, 128256, "bf16"),
+    Case("fused_preference_loss", 16 * 512, 4096, 32000, "bf16"),
 ]
 QUICK_CASES = [
     Case("linear_logprobs", 1024, 512, 32000, "fp32"),

@@ -1,7 +1,8 @@
 """fastalign against TRL, end to end: DPO, reward modeling and SFT on the same pairs and weights.
 
-    python -m benchmarks.peers [--rounds 3] [--algos dpo,reward,sft] [--systems fastalign,trl,...]
-                               [--quick] [--chart PATH]      (from fastalign's venv; `make bench-peers`)
+    python -m benchmarks.peers [--profile cpu|gpu] [--rounds 3] [--algos dpo,reward,sft]
+                               [--systems fastalign,trl,...] [--quick] [--chart PATH]
+                               (from fastalign's venv; `make bench-peers`)
 
 Runs every system in a fresh process (``fastalign_probe`` with this interpreter, ``trl_probe``
 with the peer venv's), interleaved round by round (fastalign, TRL, fastalign with gradient
@@ -10,6 +11,10 @@ system alike. Per system and workload: medians over the rounds of real tokens/s 
 median peak RSS, the loss after the last step, and the ratios fastalign/peer from the runs of the
 same round. Writes ``benchmarks/out/vs_trl/`` (``runs.jsonl`` with every run, ``vs_trl.md``)
 and the chart (default ``benchmarks/out/vs_trl/vs_trl.png``). ``--quick``: 3 steps, 1 round.
+
+``--profile gpu``: DPO with a Qwen2-0.5B-shaped model in bf16 (``workload.PROFILES``), on CUDA when
+there is one; memory is then the GPU allocator's peak, and the output goes to
+``benchmarks/out/vs_trl_gpu/``.
 
 The peer venv (``benchmarks/out/venv-peers``, made by ``make bench-peers``; another with
 ``--peer-python``) holds TRL and liger-kernel; fastalign never depends on them.
@@ -29,11 +34,12 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from benchmarks.peers.workload import (ALGOS, BATCH, BETA, LEARNING_RATE, MAX_LENGTH, MAX_PROMPT_LENGTH, MODEL,
+from benchmarks.peers.workload import (ALGOS, BATCH, BETA, LEARNING_RATE, MAX_LENGTH, MAX_PROMPT_LENGTH, PROFILES,
                                         missing, prepare, steps_for)
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "benchmarks" / "out" / "vs_trl"
+OUT_GPU = ROOT / "benchmarks" / "out" / "vs_trl_gpu"
 PEER_PYTHON = ROOT / "benchmarks" / "out" / "venv-peers" / "bin" / "python"
 SYSTEMS = ("fastalign", "trl", "fastalign-ckpt", "trl-ckpt", "trl-liger")
 LABELS = {"fastalign": "fastalign", "trl": "TRL", "fastalign-ckpt": "fastalign + checkpointing",
@@ -66,7 +72,8 @@ def run_probe(system: str, algo: str, prep: Path, steps: int, python: Path, run_
                str(steps)]
     else:
         cmd = [str(python), "-m", "benchmarks.peers.trl_probe", system, algo, str(prep), str(run_dir), str(steps)]
-    env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"), PYTHONPATH=str(ROOT),
+    path = os.pathsep.join([str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"), PYTHONPATH=path,
                TOKENIZERS_PARALLELISM="false")
     load = os.getloadavg()[0]
     began = time.perf_counter()
@@ -108,6 +115,7 @@ def aggregate(runs: list[dict]) -> dict:
 
             systems[system] = {
                 "runs": len(ok), "tokens_per_s": med("tokens_per_s"), "seconds_per_step": med("seconds_per_step"),
+                "peak_gpu_bytes": med("peak_gpu_bytes") if ok[0].get("peak_gpu_bytes") else None,
                 "cpu_seconds_per_step": med("cpu_seconds_per_step"),
                 "peak_rss_bytes": med("peak_rss_bytes"), "built_rss_bytes": med("built_rss_bytes"),
                 "real_tokens_per_step": med("real_tokens_per_step"), "pad_share": med("pad_share"),
@@ -128,10 +136,15 @@ def aggregate(runs: list[dict]) -> dict:
                     "speedup": [x["tokens_per_s"] / y["tokens_per_s"] for x, y in pairs],
                     "cpu_speedup": [(y["cpu_seconds_per_step"] / y["real_tokens_per_step"])
                                     / (x["cpu_seconds_per_step"] / x["real_tokens_per_step"]) for x, y in pairs],
-                    "memory": [x["peak_rss_bytes"] / y["peak_rss_bytes"] for x, y in pairs],
+                    "memory": [_memory(x) / _memory(y) for x, y in pairs],
                 }
         out[algo] = {"systems": systems, "ratios": ratios}
     return out
+
+
+def _memory(run: dict) -> int:
+    """The peak memory that bounds a run: the GPU allocator's on CUDA, the resident set on the CPU."""
+    return run.get("peak_gpu_bytes") or run["peak_rss_bytes"]
 
 
 def _gib(n: float) -> str:
@@ -148,8 +161,18 @@ def _verdict(algo: str, speed: float, memory: float) -> str:
     return f">= {t_speed}x" + (f" at <= {t_mem}x memory" if t_mem else "") + (": **met**" if ok else ": short")
 
 
+def _model_line(profile: dict) -> str:
+    m = profile["model"]
+    return (f"{profile['label']} {m['num_hidden_layers']} layers, hidden {m['hidden_size']}, "
+            f"{m['num_attention_heads']} heads ({m['num_key_value_heads']} KV), intermediate {m['intermediate_size']}, "
+            f"vocabulary {m['vocab_size']}, {'bf16 autocast' if profile['bf16'] else 'fp32'}")
+
+
 def table(summary: dict, meta: dict) -> str:
     med = statistics.median
+    profile = PROFILES[meta["profile"]]
+    gpu = meta.get("device", "cpu") != "cpu"
+    memory = "peak GPU memory GiB (peak RSS)" if gpu else "peak RSS GiB (built trainer)"
     lines = [
         f"{meta['date']} · {meta['machine']} · load average {meta['load'][0]:.1f} at the start, "
         f"{meta['load'][1]:.1f} at the end · fastalign: torch {meta['torch']}, transformers "
@@ -157,16 +180,14 @@ def table(summary: dict, meta: dict) -> str:
         f"{meta['peers'].get('transformers')}, torch {meta['peers'].get('torch')}, liger-kernel "
         f"{meta['peers'].get('liger_kernel')} · Python {meta['python']}",
         "",
-        f"Llama {MODEL['num_hidden_layers']} layers, hidden {MODEL['hidden_size']}, {MODEL['num_attention_heads']} "
-        f"heads, intermediate {MODEL['intermediate_size']}, vocabulary {MODEL['vocab_size']} (byte-level BPE), fp32; "
+        f"{meta.get('device', 'cpu')} · {_model_line(profile)} (a byte-level BPE tokenizer); "
         f"max_length {MAX_LENGTH}, max_prompt_length {MAX_PROMPT_LENGTH}; {BATCH['dpo']} pairs (DPO, reward) or "
         f"{BATCH['sft']} sequences (SFT) per optimizer step, in file order; AdamW, lr "
         + ", ".join(f"{a} {LEARNING_RATE[a]:g}" for a in ALGOS)
         + f", linear decay, no warm-up, clip 1.0; DPO sigmoid, beta {BETA}, frozen reference. "
         f"Medians of {meta['rounds']} interleaved rounds; rates over steps 2 to N.",
         "",
-        "| workload | system | real tokens/s | s/step | CPU s/step | peak RSS GiB (built trainer) | pad share | "
-        "loss after N steps |",
+        f"| workload | system | real tokens/s | s/step | CPU s/step | {memory} | pad share | loss after N steps |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for algo, per in summary.items():
@@ -176,12 +197,15 @@ def table(summary: dict, meta: dict) -> str:
                 continue
             lines.append(
                 f"| {NAMES[algo]} | {LABELS[system]} | {s['tokens_per_s']:.0f} | {s['seconds_per_step']:.2f} | "
-                f"{s['cpu_seconds_per_step']:.2f} | {_gib(s['peak_rss_bytes'])} ({_gib(s['built_rss_bytes'])}) | "
+                f"{s['cpu_seconds_per_step']:.2f} | "
+                + (f"{_gib(s['peak_gpu_bytes'])} ({_gib(s['peak_rss_bytes'])})" if gpu else
+                   f"{_gib(s['peak_rss_bytes'])} ({_gib(s['built_rss_bytes'])})") + " | "
                 f"{s['pad_share']:.0%} | {s['final_loss']:.4f} (N={s['steps']}) |"
             )
     lines += [
         "", "Ratios, fastalign over the peer, from the runs of the same round (median, then each round):", "",
-        "| workload | fastalign vs | real tokens/s | real tokens per CPU second | peak RSS | target |",
+        f"| workload | fastalign vs | real tokens/s | real tokens per CPU second | "
+        f"{'peak GPU memory' if gpu else 'peak RSS'} | target |",
         "|---|---|---|---|---|---|",
     ]
     for algo, per in summary.items():
@@ -219,29 +243,34 @@ def chart(summary: dict, path: Path, meta: dict) -> None:
         xs = [i + (k - (len(systems) - 1) / 2) * width for i in range(len(algos))]
         got = [summary[a]["systems"].get(system, {}) for a in algos]
         tps = [g.get("tokens_per_s", 0) for g in got]
-        rss = [g.get("peak_rss_bytes", 0) / 2**30 for g in got]
+        rss = [(g.get("peak_gpu_bytes") or g.get("peak_rss_bytes", 0)) / 2**30 for g in got]
         for ax, values, fmt in ((axes[0], tps, "{:.0f}"), (axes[1], rss, "{:.1f}")):
             bars = ax.bar(xs, values, width, label=LABELS[system], color=colors[system])
             for bar, v in zip(bars, values):
                 if v:
                     ax.annotate(fmt.format(v), (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom",
                                 fontsize=7)
+    on_gpu = meta.get("device", "cpu") != "cpu"
     for ax, title in ((axes[0], "real (non-pad) tokens/s, higher is better"),
-                      (axes[1], "peak resident memory, GiB, lower is better")):
+                      (axes[1], f"peak {'GPU' if on_gpu else 'resident'} memory, GiB, lower is better")):
         ax.set_xticks(range(len(algos)), [NAMES[a] for a in algos])
         ax.set_title(title, fontsize=10)
         ax.spines[["top", "right"]].set_visible(False)
     axes[0].legend(fontsize=8, frameon=False)
     failed = sorted({LABELS[s] for a in algos for s, v in summary[a]["systems"].items() if "error" in v})
     if failed:
-        fig.text(0.5, 0.01, "did not run on this CPU: " + "; ".join(failed) + " (Triton kernels need a GPU)",
+        why = "" if on_gpu else " (Triton kernels need a GPU)"
+        fig.text(0.5, 0.01, f"did not run on this {'GPU' if on_gpu else 'CPU'}: " + "; ".join(failed) + why,
                  ha="center", fontsize=8, style="italic")
     params = next((v["parameters"] for a in algos if a != "reward" for v in summary[a]["systems"].values()
                    if "parameters" in v), 0)
-    fig.suptitle(f"fastalign vs TRL {meta['peers'].get('trl')}: Llama {MODEL['num_hidden_layers']}x"
-                 f"{MODEL['hidden_size']} ({params / 1e6:.0f}M), HH-RLHF pairs, {BATCH['dpo']} per step, fp32, CPU "
-                 f"({meta['machine'].split(',')[1].strip()}), medians of {meta['rounds']} rounds, {meta['date'][:10]}",
-                 fontsize=10)
+    profile, device = PROFILES[meta["profile"]], meta.get("device", "cpu")
+    where = device if device != "cpu" else f"CPU ({meta['machine'].split(',')[1].strip()})"
+    model = profile["model"]
+    fig.suptitle(f"fastalign vs TRL {meta['peers'].get('trl')}: {profile['label']} {model['num_hidden_layers']}x"
+                 f"{model['hidden_size']} ({params / 1e6:.0f}M), HH-RLHF pairs, {BATCH['dpo']} per step, "
+                 f"{'bf16' if profile['bf16'] else 'fp32'}, {where}, medians of {meta['rounds']} rounds, "
+                 f"{meta['date'][:10]}", fontsize=10)
     fig.tight_layout(rect=(0, 0.04 if failed else 0, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -249,21 +278,24 @@ def chart(summary: dict, path: Path, meta: dict) -> None:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--algos", default=",".join(ALGOS))
+    parser.add_argument("--algos", default=None, help="default: the profile's (cpu: dpo,reward,sft; gpu: dpo)")
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the workload's)")
     parser.add_argument("--quick", action="store_true", help="3 steps, 1 round")
     parser.add_argument("--peer-python", default=None)
-    parser.add_argument("--chart", default=str(OUT / "vs_trl.png"))
+    parser.add_argument("--chart", default=None, help="default: vs_trl.png in the output folder")
     args = parser.parse_args(argv)
     reason = missing()
     if reason:
         print(f"skipped: {reason}")
         return 0
-    algos = [a for a in args.algos.split(",") if a]
+    out = OUT_GPU if args.profile == "gpu" else OUT
+    chart_path = Path(args.chart) if args.chart else out / "vs_trl.png"
+    algos = [a for a in (args.algos or ",".join(PROFILES[args.profile]["algos"])).split(",") if a]
     systems = [s for s in args.systems.split(",") if s]
-    unknown = set(systems) - set(SYSTEMS) | set(algos) - set(ALGOS)
+    unknown = set(systems) - set(SYSTEMS) | set(algos) - set(PROFILES[args.profile]["algos"])
     if unknown:
         parser.error(f"unknown {sorted(unknown)}")
     python = peer_python(args.peer_python)
@@ -272,23 +304,24 @@ def main(argv: list[str]) -> int:
         return 0
     rounds = 1 if args.quick else args.rounds
     steps = {a: args.steps or steps_for(a, args.quick) for a in algos}
-    OUT.mkdir(parents=True, exist_ok=True)
-    prep = prepare(OUT / "prep", max(steps.values()))
+    out.mkdir(parents=True, exist_ok=True)
+    prep = prepare(out / "prep", max(steps.values()), args.profile)
     import torch
     import transformers
 
     meta = {"date": datetime.now().strftime("%Y-%m-%d %H:%M"), "rounds": rounds, "python": platform.python_version(),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads",
             "torch": torch.__version__, "transformers": transformers.__version__,
-            "peers": peer_versions(python) if python else {}, "load": [os.getloadavg()[0]]}
+            "peers": peer_versions(python) if python else {}, "load": [os.getloadavg()[0]], "profile": args.profile,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
     runs, failed = [], set()
-    with open(OUT / "runs.jsonl", "a") as log:
+    with open(out / "runs.jsonl", "a") as log:
         for algo in algos:
             for r in range(rounds):
                 for system in systems:
                     if (algo, system) in failed:  # a system that failed is not retried in later rounds
                         continue
-                    run_dir = OUT / "runs" / f"{algo}-{system}-{r}"
+                    run_dir = out / "runs" / f"{algo}-{system}-{r}"
                     figures = run_probe(system, algo, prep, steps[algo], python, run_dir)
                     figures.update(round=r, date=meta["date"])
                     runs.append(figures)
@@ -300,8 +333,8 @@ def main(argv: list[str]) -> int:
                     else:
                         print(f"{algo} {system} round {r}: {figures['tokens_per_s']:.0f} tokens/s, "
                               f"{figures['seconds_per_step']:.2f} s/step ({figures['cpu_seconds_per_step']:.2f} CPU), "
-                              f"peak RSS {_gib(figures['peak_rss_bytes'])} "
-                              f"GiB, loss {figures['losses'][-1]:.4f} (load {figures['load_before']:.1f})", flush=True)
+                              f"peak memory {_gib(_memory(figures))} GiB, loss {figures['losses'][-1]:.4f} "
+                              f"(load {figures['load_before']:.1f})", flush=True)
     meta["load"].append(os.getloadavg()[0])
     summary = aggregate(runs)
     for algo, per in summary.items():  # every system trained on the same token ids
@@ -309,11 +342,11 @@ def main(argv: list[str]) -> int:
         if len(digests) > 1:
             print(f"warning: {algo}: the systems trained on different token ids {digests}")
     text = table(summary, meta)
-    (OUT / "vs_trl.md").write_text(text)
-    (OUT / "summary.json").write_text(json.dumps({"meta": meta, "summary": summary}, indent=1))
-    chart(summary, Path(args.chart), meta)
+    (out / "vs_trl.md").write_text(text)
+    (out / "summary.json").write_text(json.dumps({"meta": meta, "summary": summary}, indent=1))
+    chart(summary, chart_path, meta)
     print("\n" + text)
-    print(f"chart: {args.chart}")
+    print(f"chart: {chart_path}")
     return 0
 
 

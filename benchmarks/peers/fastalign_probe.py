@@ -8,7 +8,8 @@ rows and prints ``RESULT {json}``. fastalign normally packs rows into micro-batc
 budget (best-fit decreasing); here every step is exactly the next ``BATCH[algo]`` rows in file
 order, packed into one padding-free row (``make_batches`` below), so each optimizer step covers
 the same rows as TRL's batch of that size. Everything else is fastalign as shipped: its attention
-backend, fused heads and losses, AdamW, linear schedule without warm-up, clipping at 1.0, fp32.
+backend, fused heads and losses, AdamW, linear schedule without warm-up, clipping at 1.0, fp32 (the
+``cpu`` profile) or bf16 autocast (``gpu``), on CUDA when there is one.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from benchmarks.peers import report
 from benchmarks.peers.workload import (BATCH, BETA, LEARNING_RATE, MAX_LENGTH, MAX_PROMPT_LENGTH, PAIR_TRUNCATION, SEED,
-                                       SFT_TRUNCATION, digest, flat, pair_record, workload)
+                                       SFT_TRUNCATION, digest, flat, pair_record, profile_of, workload)
 
 
 def in_order(trainer_cls, rows_per_step: int):
@@ -52,7 +53,7 @@ def build(system: str, algo: str, prep: Path, run_dir: Path, steps: int):
         output_dir=str(run_dir), learning_rate=LEARNING_RATE[algo], max_steps=steps, seed=SEED, shuffle=False,
         lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, logging_steps=1,
         disable_tqdm=True, max_tokens_per_batch=2 * MAX_LENGTH * BATCH[algo], max_length=MAX_LENGTH,
-        gradient_checkpointing=system == "fastalign-ckpt",
+        gradient_checkpointing=system == "fastalign-ckpt", bf16=profile_of(prep)["bf16"],
     )
     pairs = dict(max_prompt_length=MAX_PROMPT_LENGTH, truncation_mode=PAIR_TRUNCATION)
     if algo == "dpo":
@@ -70,6 +71,8 @@ def build(system: str, algo: str, prep: Path, run_dir: Path, steps: int):
 def cpu_time_per_step(trainer) -> list[float]:
     """The process CPU seconds of each optimizer step (forward, backward, optimizer step), filled
     while ``trainer`` trains: from the start of ``_run_step`` to the end of ``engine.step``."""
+    import torch
+
     spent, run_step, engine_step = [], trainer._run_step, trainer.engine.step
 
     def timed_run_step(group):
@@ -78,6 +81,8 @@ def cpu_time_per_step(trainer) -> list[float]:
 
     def timed_engine_step():
         norm = engine_step()
+        if torch.cuda.is_available():  # the optimizer's kernels are in the step's time, as TRL's probe counts them
+            torch.cuda.synchronize()
         spent.append(time.process_time() - trainer._cpu0)
         return norm
 

@@ -42,6 +42,9 @@ def summarise(system: str, algo: str, steps: list[dict], built_rss: int, train_s
         "real_tokens_per_step": real / len(timed),
         "pad_share": 1 - sum(s["real_tokens"] for s in steps) / max(1, sum(s["tokens"] for s in steps)),
         "peak_rss_bytes": peak_rss_bytes(), "built_rss_bytes": built_rss,
+        # On CUDA, the memory that matters is the GPU's: the allocator's peak over the whole run.
+        "peak_gpu_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "train_seconds": train_seconds, "cpu_seconds": time.process_time(),
         "losses": [s["loss"] for s in steps], "grad_norms": [s["grad_norm"] for s in steps],
         "real_tokens": [s["real_tokens"] for s in steps],

@@ -4,9 +4,10 @@
 
 ``SYSTEM``:
 
-- ``trl``: TRL's trainer with its padded batches, settings matched to fastalign's run: fp32,
-  no gradient checkpointing (TRL turns it on by default; fastalign does not), AdamW with the same
-  learning rate, linear schedule without warm-up, clipping at 1.0;
+- ``trl``: TRL's trainer with its padded batches, settings matched to fastalign's run: fp32 (or
+  bf16 autocast: the ``gpu`` profile), on CUDA when there is one, no gradient checkpointing (TRL
+  turns it on by default; fastalign does not), AdamW with the same learning rate, linear schedule
+  without warm-up, clipping at 1.0;
 - ``trl-ckpt``: the same with TRL's default gradient checkpointing on;
 - ``trl-liger``: ``trl`` with ``use_liger_kernel=True`` (transformers patches the model's layers
   with Liger's Triton kernels).
@@ -27,13 +28,15 @@ import time
 from pathlib import Path
 
 from benchmarks.peers import report
-from benchmarks.peers.workload import BATCH, BETA, LEARNING_RATE, MAX_LENGTH, SEED, SFT_TRUNCATION, digest, workload
+from benchmarks.peers.workload import (BATCH, BETA, LEARNING_RATE, MAX_LENGTH, SEED, SFT_TRUNCATION, digest, profile_of,
+                                       workload)
 
 SYSTEMS = ("trl", "trl-ckpt", "trl-liger")
 
 
 def build(system: str, algo: str, prep: Path, run_dir: Path, steps: int):
     import datasets
+    import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
 
@@ -43,7 +46,8 @@ def build(system: str, algo: str, prep: Path, run_dir: Path, steps: int):
         output_dir=str(run_dir), learning_rate=LEARNING_RATE[algo], max_steps=steps, seed=SEED, data_seed=SEED,
         per_device_train_batch_size=BATCH[algo], gradient_accumulation_steps=1, train_sampling_strategy="sequential",
         lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, logging_steps=1,
-        save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=True, bf16=False, fp16=False,
+        save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
+        bf16=profile_of(prep)["bf16"], fp16=False,
         gradient_checkpointing=system == "trl-ckpt", use_liger_kernel=system == "trl-liger",
         dataloader_num_workers=0,
     )
@@ -92,6 +96,8 @@ def main(system: str, algo: str, prep: Path, run_dir: Path, steps: int) -> None:
             self.t0, self.cpu0 = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kwargs):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
             per_step.append({"seconds": time.perf_counter() - self.t0, "real_tokens": counts["real"],
                              "tokens": counts["all"], "cpu_seconds": time.process_time() - self.cpu0})
 

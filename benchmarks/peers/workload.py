@@ -5,12 +5,17 @@ bytes:
 
 - ``tokenizer/``: a byte-level BPE of ``VOCAB`` ids trained on the HH-RLHF pairs (the recipe of
   ``benchmarks/test_bench_hh_rlhf.py``), saved with ``save_pretrained``;
-- ``causal/``: a random Llama (``MODEL``) made with ``torch.manual_seed(SEED)``, saved with
-  ``save_pretrained`` (DPO and SFT load it, TRL's DPO builds its reference from it too);
+- ``causal/``: a random model (the profile's, below) made with ``torch.manual_seed(SEED)``, saved
+  with ``save_pretrained`` (DPO and SFT load it, TRL's DPO builds its reference from it too);
 - ``reward/``: the same body with a one-label ``score`` head (seeded), for reward modeling;
 - ``data.json``: the rows of every workload, in training order, as text (what fastalign is
   given) and as the token ids fastalign's tokenisation and truncation make of them (what TRL is
   given, so both train on identical tokens; a probe checks its own ids against these).
+
+Profiles (``PROFILES``): ``cpu``, the issue's reference set-up (a 21M-parameter Llama, fp32, DPO,
+reward modeling and SFT), and ``gpu``, a DPO step of a Qwen2-0.5B-shaped model (494M parameters,
+its 151,936-entry vocabulary, built from a config with random weights) in bf16 autocast, on CUDA
+when there is one. The prep folder records its profile; the probes read it from there.
 
 This module imports neither fastalign nor TRL at the top: the TRL probe, in the peer venv, reads
 its constants.
@@ -20,10 +25,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 SHARED = Path(__file__).resolve().parents[3] / "shared"
-DATA = SHARED / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
+# FASTALIGN_HH_DATA: the pairs' file elsewhere (a GPU machine that has no ../shared beside the repo).
+DATA = Path(os.environ.get("FASTALIGN_HH_DATA") or SHARED / "data" / "hh-rlhf-harmless-base-test.jsonl.gz")
 
 VOCAB = 8192
 SEED = 0
@@ -31,7 +38,16 @@ SEED = 0
 MODEL = dict(vocab_size=VOCAB, hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
              num_key_value_heads=8, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2,
              tie_word_embeddings=False, rms_norm_eps=1e-6)
+# Qwen2-0.5B's shape. The tokenizer still has VOCAB ids: the head has the full vocabulary, so its
+# cost is that of the real model, and every id the data holds is below VOCAB.
+QWEN2_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                 num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6,
+                 pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True, rms_norm_eps=1e-6)
 ALGOS = ("dpo", "reward", "sft")
+PROFILES = {
+    "cpu": {"arch": "llama", "model": MODEL, "bf16": False, "algos": ALGOS, "label": "Llama"},
+    "gpu": {"arch": "qwen2", "model": QWEN2_05B, "bf16": True, "algos": ("dpo",), "label": "Qwen2-0.5B-shaped"},
+}
 # Rows per optimizer step: pairs for DPO and reward modeling, sequences for SFT.
 BATCH = {"dpo": 8, "reward": 8, "sft": 8}
 STEPS = {"dpo": 10, "reward": 10, "sft": 10}
@@ -66,17 +82,24 @@ def digest(ids: list[list[int]]) -> str:
 
 
 # ---- preparation (fastalign's venv) ----------------------------------------------------------------
-def prepare(prep: Path, max_steps: int) -> Path:
+def profile_of(prep: Path) -> dict:
+    """The profile a prep folder was made for."""
+    return PROFILES[json.loads((prep / "data.json").read_text())["profile"]]
+
+
+def prepare(prep: Path, max_steps: int, profile: str = "cpu") -> Path:
     """Write the tokenizer, the two models and the data of ``max_steps`` steps to ``prep`` (cached:
-    an existing prep with as many rows is reused)."""
+    an existing prep of the same profile with as many rows is reused)."""
     marker = prep / "data.json"
+    model_config = PROFILES[profile]["model"]
     if marker.is_file():
         data = json.loads(marker.read_text())
-        if all(len(data[a]["ids"]) >= rows_needed(a, max_steps) for a in ALGOS) and data.get("model") == MODEL:
+        if (all(len(data[a]["ids"]) >= rows_needed(a, max_steps) for a in ALGOS)
+                and data.get("model") == model_config and data.get("profile") == profile):
             return prep
 
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     from benchmarks import test_bench_hh_rlhf as hh
     from fastalign.data import load_rows, tokenize_pairs, tokenize_sft
@@ -88,13 +111,16 @@ def prepare(prep: Path, max_steps: int) -> Path:
     tokenizer = hh.load_tokenizer(prep / "bpe.json")
     tokenizer.save_pretrained(prep / "tokenizer")
 
+    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM),
+                             "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[PROFILES[profile]["arch"]]
     torch.manual_seed(SEED)
-    model = LlamaForCausalLM(LlamaConfig(**MODEL))
+    model = model_cls(config_cls(**model_config))
     model.save_pretrained(prep / "causal")
-    torch.manual_seed(SEED + 1)
-    reward = as_reward_model(model)
-    reward.config.pad_token_id = MODEL["pad_token_id"]
-    reward.save_pretrained(prep / "reward")
+    if "reward" in PROFILES[profile]["algos"]:
+        torch.manual_seed(SEED + 1)
+        reward = as_reward_model(model)
+        reward.config.pad_token_id = model_config["pad_token_id"]
+        reward.save_pretrained(prep / "reward")
 
     # The pairs in file order (this split has no bad pair: none is dropped, checked).
     n_pairs = max(rows_needed(a, max_steps) for a in ("dpo", "reward"))
@@ -110,7 +136,8 @@ def prepare(prep: Path, max_steps: int) -> Path:
     assert len(seqs) == n_sft, "no SFT row is dropped"
 
     data = {
-        "model": MODEL,
+        "profile": profile,
+        "model": model_config,
         "dpo": {"rows": pair_rows, "ids": pair_ids, "truncated": report.truncated},
         "reward": {"rows": pair_rows, "ids": pair_ids, "truncated": report.truncated},
         "sft": {"rows": sft_rows, "ids": [{"input_ids": s.input_ids} for s in seqs], "truncated": sft_report.truncated},

@@ -1,13 +1,17 @@
 """fused_preference_loss against the naive path: full logits, log_softmax, gather, sums, loss.
 
-Tolerance: fp32 throughout, 1e-5 relative to each tensor's scale (helpers.assert_close).
+Tolerance: fp32, 1e-5 relative to each tensor's scale (helpers.assert_close). bf16/fp16: the
+lm_head matmuls run in the input dtype, against an fp32 reference on the same (rounded) inputs. As
+for linear_logprobs (see its tests), each log-prob is off by up to EPS * max|z|, a sequence's sum
+by its tokens times that (its scale grows alike), and the gradients carry that error and their own
+roundings: rtol = 2 * EPS * (1 + max|z|) against each tensor's scale (seen: under 1 EPS).
 """
 
 import importlib
 
 import pytest
 import torch
-from helpers import DEVICE, assert_close
+from helpers import DEVICE, EPS, assert_close
 
 from fastalign.kernels.fused_preference import fused_preference_loss
 from fastalign.kernels.preference import LOSS_TYPES, preference_loss
@@ -51,28 +55,34 @@ def _naive(hidden, weight, bias, labels, cu, chosen, rejected, ref_c, ref_r, ave
     return losses.mean(), losses, r_c, r_r, pi[chosen], pi[rejected]
 
 
-def _check(path, loss_type, average=False, reference_free=False, temperature=1.0, bias=True, **extra):
+def _check(path, loss_type, average=False, reference_free=False, temperature=1.0, bias=True,
+           dtype=torch.float32, **extra):
     device = _device(path)
     # 7 sequences: pairs (0, 3), (4, 1), (2, 6); sequence 5 is unpaired and must not count.
     lengths, prompts = [9, 14, 5, 11, 8, 6, 13], [3, 5, 2, 4, 1, 2, 6]
-    hidden, weight, b, labels, cu = _packed_batch(lengths, prompts, 1037, 16, device)
+    hidden, weight, b, labels, cu = (t.to(dtype) if t.is_floating_point() else t
+                                     for t in _packed_batch(lengths, prompts, 1037, 16, device))
     b = b if bias else None
+    rtol = 1e-5
+    if dtype != torch.float32:
+        rtol = 2 * EPS[dtype] * (1 + (hidden.float() @ weight.float().t()).abs().max().item() / temperature)
     chosen, rejected = torch.tensor([0, 4, 2], device=device), torch.tensor([3, 1, 6], device=device)
     ref_c, ref_r = (None, None) if reference_free else (torch.randn(3, device=device) * 5 - 20, torch.randn(3, device=device) * 5 - 20)
     kw = dict(beta=0.2, loss_type=loss_type, reference_free=reference_free, label_smoothing=0.1 if loss_type != "exo_pair" else 0.0, **extra)
     leaves = [t.clone().requires_grad_() for t in (hidden, weight) + ((b,) if bias else ())]
-    refs = [t.clone().requires_grad_() for t in leaves]
+    refs = [t.detach().float().requires_grad_() for t in leaves]  # fp32 on the same values
     out = fused_preference_loss(
         leaves[0], leaves[1], labels, chosen, rejected, ref_c, ref_r, cu_seqlens=cu,
         bias=leaves[2] if bias else None, average_log_prob=average, temperature=temperature, backend=path, **kw,
     )
     expect = _naive(refs[0], refs[1], refs[2] if bias else None, labels, cu, chosen, rejected, ref_c, ref_r, average, temperature, **kw)
     for name, got, want in zip(out._fields, out, expect):
-        assert_close(got, want, 1e-5, name)
+        assert_close(got, want, rtol, name)
     grads = torch.autograd.grad(out.loss * 3.0, leaves)  # an upstream factor, applied in backward
     grads_ref = torch.autograd.grad(expect[0] * 3.0, refs)
-    for name, g, gr in zip(("hidden", "weight", "bias"), grads, grads_ref):
-        assert_close(g, gr, 1e-5, f"grad {name}")
+    for name, g, gr, leaf in zip(("hidden", "weight", "bias"), grads, grads_ref, leaves):
+        assert g.dtype == leaf.dtype, f"grad {name} is {g.dtype}, its input {leaf.dtype}"
+        assert_close(g, gr, rtol, f"grad {name}")
     return out, grads, labels, cu
 
 
@@ -86,6 +96,15 @@ def test_every_loss_type_matches_the_naive_path(path, loss_type):
 def test_average_reference_free_temperature_no_bias(path):
     for loss_type in ("sigmoid", "ipo", "kto_pair"):
         _check(path, loss_type, average=True, reference_free=True, temperature=0.7, bias=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("path", PATHS)
+def test_low_precision_matches_the_fp32_path(path, dtype, monkeypatch):
+    monkeypatch.setattr(fp_module, "WEIGHT_GRAD_BLOCK", 300)  # 1037 = 3 x 300 + 137: four blocks
+    for loss_type in ("sigmoid", "ipo", "kto_pair"):
+        _check(path, loss_type, dtype=dtype)
+    _check(path, "sigmoid", dtype=dtype, average=True, temperature=0.7, bias=False)
 
 
 @pytest.mark.parametrize("path", PATHS)

@@ -73,7 +73,7 @@ gpu-wheels:
 	mkdir -p .whl .gpu
 	$(PYTHON) -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
-	cp ../shared/data/hh-rlhf-harmless-base-test.jsonl.gz .gpu/
+	install -m 644 ../shared/data/hh-rlhf-harmless-base-test.jsonl.gz .gpu/
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks benchmarks/out

@@ -32,7 +32,7 @@ fi
   || "$py" -m pip install -q --no-index --no-deps --no-build-isolation -e . >"$results/install.log" 2>&1
 export FASTALIGN_HH_DATA=${FASTALIGN_HH_DATA:-$PWD/.gpu/hh-rlhf-harmless-base-test.jsonl.gz}
 
-{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || echo "no nvidia-smi"
   "$py" -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__,
 'transformers', transformers.__version__, 'cuda', torch.version.cuda)"
   "$py" -m pip list 2>/dev/null | grep -i -E "^(trl|liger|datasets|pyarrow|peft|accelerate|flash)" || true
@@ -52,9 +52,10 @@ case "$stage" in
     cp benchmarks/out/results.md benchmarks/out/latest.json "$results/" 2>/dev/null || true
     ;;
   dpo)
-    # Peers run with the same interpreter: TRL and liger-kernel come from .whl/.
+    # Peers run with the same interpreter: TRL and liger-kernel come from .whl/. Each run is a
+    # fresh process (CUDA start, Triton compiles): 2 rounds of 3 systems keep inside 10 minutes.
     PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} "$py" -m benchmarks.peers --profile gpu --peer-python "$(command -v "$py")" \
-      --systems fastalign,trl,trl-liger --rounds "${ROUNDS:-3}" 2>&1 | tee "$results/dpo.log"
+      --systems fastalign,trl,trl-liger --rounds "${ROUNDS:-2}" 2>&1 | tee "$results/dpo.log"
     cp benchmarks/out/vs_trl_gpu/vs_trl.md benchmarks/out/vs_trl_gpu/vs_trl.png benchmarks/out/vs_trl_gpu/runs.jsonl \
       "$results/" 2>/dev/null || true
     ;;

@@ -21,7 +21,7 @@ def _sync():
 
 @pytest.mark.parametrize("case,path", PARAMS, ids=[f"{c.label}-{p}" for c, p in PARAMS])
 def test_logprobs(benchmark, case, path):
-    reason = unavailable(path, DEVICE, case.op)
+    reason = unavailable(path, DEVICE, case)
     if reason:
         pytest.skip(reason)
     benchmark.group = case.label

@@ -35,7 +35,7 @@ def _gradients(case: Case, path: str) -> dict[str, torch.Tensor]:
 def test_path_matches_naive(case, path):
     if path not in PATHS[case.op]:
         pytest.skip(f"{path} is not a path of {case.op}")
-    reason = unavailable(path, "cpu", case.op)
+    reason = unavailable(path, "cpu", case)
     if reason:
         pytest.skip(reason)
     expected, got = _gradients(case, "naive"), _gradients(case, path)

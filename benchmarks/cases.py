@@ -108,10 +108,10 @@ def unavailable(path: str, device: str, case: Case) -> str | None:
     """Why ``path`` cannot run ``case`` on ``device``, or None."""
     op = case.op
     if path == "naive" and op != "fused_preference_loss":
-        need = case.n * case.v * NAIVE_BYTES_PER_LOGIT
-        if need > 0.8 * _memory_bytes(device):
+        need, have = case.n * case.v * NAIVE_BYTES_PER_LOGIT, _memory_bytes(device)
+        if need > 0.8 * have:
             return (f"the naive path needs about {need / 2**30:.0f} GiB at this shape, more than this machine's "
-                    f"{_memory_bytes(device) / 2**30:.0f} GiB allow")
+                    f"{have / 2**30:.0f} GiB allow")
     if path == "fastalign triton" and device != "cuda":
         return "the triton path runs natively only on CUDA (interpreted it measures nothing useful)"
     if path == "liger":
@@ -170,9 +170,16 @@ def _preference_inputs(case: Case, device: str, g: torch.Generator) -> dict:
     }
 
 
-def _preference_runner(path: str):
+def _sigmoid_dpo_loss(tok, x):
+    """The DPO sigmoid loss (beta 0.1) from per-token log-probs of the 16 equal-length sequences."""
     import torch.nn.functional as F
 
+    pi = tok.view(len(x["cu_seqlens"]) - 1, -1).sum(-1)
+    logits = (pi[x["chosen"]] - pi[x["rejected"]]) - (x["ref_chosen"] - x["ref_rejected"])
+    return -F.logsigmoid(0.1 * logits).mean()
+
+
+def _preference_runner(path: str):
     from fastalign.kernels import fused_preference_loss
 
     def run(x):
@@ -181,18 +188,14 @@ def _preference_runner(path: str):
             logp = torch.log_softmax((h @ w.t()).float(), -1)
             valid = y != -100
             tok = torch.where(valid, logp.gather(-1, torch.where(valid, y, 0)[:, None])[:, 0], 0.0)
-            pi = tok.view(len(x["cu_seqlens"]) - 1, -1).sum(-1)
-            logits = (pi[x["chosen"]] - pi[x["rejected"]]) - (x["ref_chosen"] - x["ref_rejected"])
-            loss = -F.logsigmoid(0.1 * logits).mean()
+            loss = _sigmoid_dpo_loss(tok, x)
         elif path == "trl chunked":  # as TRL's trainer: loss positions only on CUDA, every position elsewhere
             valid = y != -100
             if h.is_cuda:
                 tok = torch.zeros(len(y), device=h.device).masked_scatter(valid, trl_logprobs(h[valid], w, y[valid]))
             else:
                 tok = trl_logprobs(h, w, y.clamp(min=0)).masked_fill(~valid, 0.0)
-            pi = tok.view(len(x["cu_seqlens"]) - 1, -1).sum(-1)
-            logits = (pi[x["chosen"]] - pi[x["rejected"]]) - (x["ref_chosen"] - x["ref_rejected"])
-            loss = -F.logsigmoid(0.1 * logits).mean()
+            loss = _sigmoid_dpo_loss(tok, x)
         elif path == "liger":
             from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
 

@@ -37,7 +37,6 @@ import json
 import os
 import platform
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -48,11 +47,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.peers.report import rss_bytes
+from benchmarks.peers.report import peak_rss_bytes, rss_bytes
+from benchmarks.peers.workload import DATA, SHARED
 from fastalign.engine.metrics import read_metrics
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-DATA = SHARED / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
 ROOT = Path(__file__).resolve().parents[1]
 OUT = Path(__file__).parent / "out"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -166,7 +164,7 @@ def probe(algo: str, tokenizer_path: Path, run_dir: Path) -> None:
     if DEVICE == "cuda":
         peak = torch.cuda.max_memory_allocated()
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+        peak = peak_rss_bytes()
     steps = [r for r in read_metrics(run_dir) if "seconds_per_step" in r]
     timed = steps[1:] or steps  # the first step is a warm-up
     real = [r["num_tokens"] * (1 - r["padding_fraction"]) for r in timed]

@@ -243,7 +243,7 @@ def chart(summary: dict, path: Path, meta: dict) -> None:
         xs = [i + (k - (len(systems) - 1) / 2) * width for i in range(len(algos))]
         got = [summary[a]["systems"].get(system, {}) for a in algos]
         tps = [g.get("tokens_per_s", 0) for g in got]
-        rss = [(g.get("peak_gpu_bytes") or g.get("peak_rss_bytes", 0)) / 2**30 for g in got]
+        rss = [_memory(g) / 2**30 if g else 0 for g in got]
         for ax, values, fmt in ((axes[0], tps, "{:.0f}"), (axes[1], rss, "{:.1f}")):
             bars = ax.bar(xs, values, width, label=LABELS[system], color=colors[system])
             for bar, v in zip(bars, values):

@@ -161,11 +161,9 @@ def train(algo: str, config_path: str | None, overrides: list[str]) -> dict:
     config, run = build_config(config_class, values)
     if algo == "ddpo":
         return _train_ddpo(config, run)
-    if any(k in run for k in ("pipeline_name_or_path", "prompt_function")):
-        raise SystemExit(f"fastalign: pipeline_name_or_path and prompt_function are for ddpo, not {algo}")
+    _check_run_keys(algo, run)  # before anything is loaded
     if "model_name_or_path" not in run or "dataset_name" not in run:
         raise SystemExit("fastalign: the config needs model_name_or_path and dataset_name")
-    _check_run_keys(algo, run)  # before anything is loaded
     name = run["model_name_or_path"]
     tokenizer = load_tokenizer(run.get("tokenizer_name_or_path", name))
     model_kwargs = dict(dtype=run.get("dtype"), trust_remote_code=bool(run.get("trust_remote_code")))
@@ -191,6 +189,8 @@ def train(algo: str, config_path: str | None, overrides: list[str]) -> dict:
 
 def _check_run_keys(algo: str, run: dict) -> None:
     """The run keys that do not fit ``algo`` (a language-model algorithm), named."""
+    if any(k in run for k in ("pipeline_name_or_path", "prompt_function")):
+        raise SystemExit(f"fastalign: pipeline_name_or_path and prompt_function are for ddpo, not {algo}")
     if run.get("ref_model_name_or_path") and algo not in ("dpo", "ppo"):
         raise SystemExit(f"fastalign: ref_model_name_or_path is for dpo and ppo, not {algo}")
     ppo_keys = ("reward_model_name_or_path", "reward_function", "generation_kwargs", "num_shared_layers")

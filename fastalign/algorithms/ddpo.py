@@ -55,7 +55,7 @@ import contextlib
 import math
 import time
 import warnings
-from collections import defaultdict, deque
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,7 +66,7 @@ from transformers import set_seed
 from fastalign.engine import TrainingConfig
 from fastalign.engine import checkpoint as ckpt
 from fastalign.engine import distributed
-from fastalign.engine.engine import Engine
+from fastalign.engine.engine import Engine, default_device
 from fastalign.engine.metrics import MetricsLogger
 from fastalign.engine.trainer import Checkpointing
 
@@ -235,7 +235,7 @@ class DDPOTrainer(Checkpointing):
         set_seed(c.seed)
         self.reward_fn, self.prompt_fn, self.image_samples_hook = reward_function, prompt_function, image_samples_hook
         self.pipeline = pipe = _load_pipeline(sd_pipeline)
-        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        self.device = device = default_device()  # the Engine's
         if c.allow_tf32 and device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
         precision = c.mixed_precision
@@ -263,11 +263,11 @@ class DDPOTrainer(Checkpointing):
         optimizer = torch.optim.AdamW(self.trainable, lr=c.train_learning_rate, betas=(c.train_adam_beta1, c.train_adam_beta2),
                                       weight_decay=c.train_adam_weight_decay, eps=c.train_adam_epsilon)
         self.args = TrainingConfig(output_dir=c.output_dir, seed=c.seed, learning_rate=c.train_learning_rate,
-                                   max_grad_norm=c.train_max_grad_norm, save_total_limit=c.num_checkpoint_limit,
-                                   resume_from_checkpoint=c.resume_from or None, disable_tqdm=c.disable_tqdm)
-        self.engine = Engine(unet, self.args, 1, optimizer,
-                             torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0))
-        self.device = self.engine.device
+                                   lr_scheduler_type="constant", max_grad_norm=c.train_max_grad_norm,
+                                   save_total_limit=c.num_checkpoint_limit, resume_from_checkpoint=c.resume_from or None,
+                                   disable_tqdm=c.disable_tqdm)
+        # A constant learning rate (no warmup), so the schedule's length does not matter.
+        self.engine = Engine(unet, self.args, 1, optimizer)
         self.optimizer = self.engine.optimizer
         self.model = _TrainedWeights(unet, c.use_lora)  # what checkpoints save and load
         self.tokenizer = None
@@ -389,9 +389,7 @@ class DDPOTrainer(Checkpointing):
         samples = {k: torch.cat([b[0][k] for b in batches]) for k in batches[0][0]}
         rewards = torch.cat([r for r, _ in results])
         prompts = [p for b in batches for p in b[2]]
-        images, last_prompts, last_metadata = batches[-1][1], batches[-1][2], batches[-1][3]
-        last = [images, last_prompts, last_metadata, results[-1][0], results[-1][1]]
-        return samples, rewards, prompts, last
+        return samples, rewards, prompts, [*batches[-1][1:], *results[-1]]
 
     def _advantages(self, rewards: torch.Tensor, prompts) -> torch.Tensor:
         if self.stat_tracker is not None:
@@ -434,23 +432,21 @@ class DDPOTrainer(Checkpointing):
         for inner in range(c.train_num_inner_epochs):
             shuffled = self._shuffled(samples)
             self.unet.train()
-            sums, parts = defaultdict(float), 0
-            for start in range(0, c.samples_per_epoch, c.train_batch_size):
+            stats = []  # [loss, approx_kl, clipfrac] of each timestep of the optimizer step
+            # DDPOConfig's checks make every optimizer step whole: an epoch's samples are a multiple of one.
+            for b, start in enumerate(range(0, c.samples_per_epoch, c.train_batch_size), start=1):
                 batch = {k: v[start:start + c.train_batch_size] for k, v in shuffled.items()}
                 for j in range(c.num_train_timesteps):
                     loss, approx_kl, clipfrac = self._step_loss(batch, j)
                     self.engine.backward(loss / per_step)
-                    for key, value in (("loss", loss), ("approx_kl", approx_kl), ("clipfrac", clipfrac)):
-                        sums[key] += float(value.detach()) / per_step
-                    parts += 1
-                if parts == per_step:
+                    stats.append(torch.stack([loss.detach(), approx_kl, clipfrac]))
+                if b % c.train_gradient_accumulation_steps == 0:
                     grad_norm = self.engine.step()
                     self.global_step += 1
-                    records.append({**sums, "grad_norm": grad_norm, "lr": self.engine.lr, "epoch": epoch,
-                                    "inner_epoch": inner})
-                    sums, parts = defaultdict(float), 0
-            if parts:  # DDPOConfig's checks make every optimizer step whole
-                raise RuntimeError("an optimizer step was left incomplete at the end of the samples")
+                    means = (torch.stack(stats).double().sum(0) / per_step).tolist()  # one device sync per step
+                    records.append({**dict(zip(("loss", "approx_kl", "clipfrac"), means)), "grad_norm": grad_norm,
+                                    "lr": self.engine.lr, "epoch": epoch, "inner_epoch": inner})
+                    stats = []
         return records
 
     def step(self, epoch: int, global_step: int) -> int:
@@ -487,13 +483,11 @@ class DDPOTrainer(Checkpointing):
         began, self.last_stats = time.perf_counter(), {}
         try:
             for epoch in range(start, total):
-                self.global_step = self.step(epoch, self.global_step)
+                self.step(epoch, self.global_step)
                 self.first_epoch = epoch + 1
                 if (epoch + 1) % c.save_freq == 0 and epoch + 1 < total:
                     self.save_checkpoint()
-                if self.logger.bar is not None:
-                    self.logger.bar.set_postfix({k: f"{self.last_stats[k]:.4g}" for k in BAR_KEYS
-                                                 if k in self.last_stats}, refresh=False)
+                self.logger.show(self.last_stats)  # the epoch's means, over its last step's
                 self.logger.advance()
             self.save_model(c.output_dir)
         finally:

@@ -72,8 +72,12 @@ class MetricsLogger:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self.writer.add_scalar(key, value, step)
+        self.show(record)
+
+    def show(self, metrics: dict) -> None:
+        """The ``bar_keys`` of ``metrics`` beside the bar (``log`` shows each record's)."""
         if self.bar is not None:
-            shown = {k: _short(record[k]) for k in self.bar_keys if k in record}
+            shown = {k: _short(metrics[k]) for k in self.bar_keys if k in metrics}
             if shown:
                 self.bar.set_postfix(shown, refresh=False)
 

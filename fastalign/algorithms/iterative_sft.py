@@ -84,11 +84,11 @@ import torch
 from transformers import get_scheduler, set_seed
 
 from fastalign.data import IGNORE_INDEX, PackedBatch, Sequence, pack, plan_batches
-from fastalign.data.formats import check_truncation, kept_part
+from fastalign.data.formats import _ids, _with_eos, check_truncation, kept_part
 from fastalign.engine import Engine, TrainingConfig, distributed
 from fastalign.engine.engine import adamw
 from fastalign.engine.metrics import MetricsLogger
-from fastalign.engine.trainer import Checkpointing
+from fastalign.engine.trainer import LossPasses
 from fastalign.models import load_model, packed_logprobs, prepare_model
 
 
@@ -117,7 +117,7 @@ class _Row:
         return sum(label != IGNORE_INDEX for label in self.labels[1:])
 
 
-class IterativeSFTTrainer(Checkpointing):
+class IterativeSFTTrainer(LossPasses):
     model_loader = staticmethod(load_model)
     peft_task_type = "CAUSAL_LM"
 
@@ -182,21 +182,18 @@ class IterativeSFTTrainer(Checkpointing):
         return rows
 
     def _text_rows(self, texts, texts_labels) -> list[_Row]:
+        """Rows tokenized as ``SFTTrainer`` tokenizes ``text`` rows, or ``prompt``/``completion`` rows
+        with ``texts_labels`` (an empty completion: only the end-of-sequence token is a target)."""
         texts = _strings("texts", texts, allow_empty=False)
-        labels = None
+        completions = None
         if texts_labels is not None:
-            labels = _strings("texts_labels", texts_labels, allow_empty=True, count=len(texts))
-        tok, eos = self.tokenizer, self.tokenizer.eos_token_id
+            completions = _strings("texts_labels", texts_labels, allow_empty=True, count=len(texts))
         rows = []
         for i, text in enumerate(texts):
-            ids = tok(text, add_special_tokens=True)["input_ids"]
-            if labels is None:
-                target = list(ids)
-            else:
-                completion = tok(labels[i], add_special_tokens=False)["input_ids"] if labels[i] else []
-                ids, target = ids + completion, [IGNORE_INDEX] * len(ids) + completion
-            if eos is not None and ids[-1] != eos:
-                ids, target = ids + [eos], target + [eos]
+            prompt = _ids(self.tokenizer, text, special=True)
+            completion = _ids(self.tokenizer, completions[i], special=False) if completions and completions[i] else []
+            ids = _with_eos(self.tokenizer, prompt + completion)
+            target = ids if completions is None else [IGNORE_INDEX] * len(prompt) + ids[len(prompt):]
             rows.append(_Row(i, ids, target))
         return rows
 
@@ -224,8 +221,8 @@ class IterativeSFTTrainer(Checkpointing):
         plan = plan_batches([len(r.ids) for r in rows], self.args.max_tokens_per_batch)
         return [_pack([rows[i] for i in batch]) for batch in plan]
 
-    def _logprobs(self, batch: PackedBatch) -> torch.Tensor:
-        return packed_logprobs(self.model, batch)
+    def compute_loss(self, batch: PackedBatch) -> tuple[torch.Tensor, dict]:
+        return -packed_logprobs(self.model, batch).sum(), {}
 
     # ---- the step -------------------------------------------------------------------------------
     def step(self, input_ids=None, attention_mask=None, labels=None, texts=None, texts_labels=None) -> dict:
@@ -241,9 +238,6 @@ class IterativeSFTTrainer(Checkpointing):
             if len(r.ids) > self.args.max_tokens_per_batch:
                 raise ValueError(f"row {r.index} has {len(r.ids)} tokens, more than max_tokens_per_batch="
                                  f"{self.args.max_tokens_per_batch}: raise it or set max_length")
-        if not kept and self.world_size == 1:
-            raise ValueError(f"step: none of the {len(rows)} rows has a target token (labels all -100, or a single "
-                             "token, after truncation)")
         device = self.engine.device
         groups = [self._micro_batches(g) if g else [] for g in self._groups(kept)]
         # Every process runs as many optimizer steps, and forwards per step, as the busiest one.
@@ -251,55 +245,33 @@ class IterativeSFTTrainer(Checkpointing):
         groups += [[]] * (steps - len(groups))
         weights = distributed.all_reduce_sum([sum(b.num_loss_tokens for b in g) for g in groups], device)
         if not all(weights):
-            raise ValueError("step: no process has a row with a target token (labels all -100, or a single token, "
-                             "after truncation)")
+            where = f"none of the {len(rows)} rows has" if self.world_size == 1 else "no process has a row with"
+            raise ValueError(f"step: {where} a target token (labels all -100, or a single token, after truncation)")
         filler = next((g[0] for g in groups if g), None) or _pack([_Row(0, rows[0].ids, rows[0].ids)])
 
         was_training = self.model.training
         self.model.train()
-        loss_sum, norms, lr = 0.0, [], self.engine.lr
-        tokens = loss_tokens = 0
+        sums, norms = [], []  # per optimizer step (at least one)
         try:
             for group, weight in zip(groups, weights):
                 count = distributed.all_reduce_max(len(group), device)
-                share = [(b, True) for b in group] + [(filler, False)] * (count - len(group))
                 lr = self.engine.lr
-                for k, (batch, counts) in enumerate(share):
-                    loss = self._micro_step(batch.to(device), weight if counts else 0.0, last=k == count - 1)
-                    if counts:
-                        loss_sum += loss
-                        tokens += batch.num_tokens
-                        loss_tokens += batch.num_loss_tokens
+                sums.append(self._pass([(b, True) for b in group] + [(filler, False)] * (count - len(group)), weight))
                 norms.append(self.engine.step())
                 self.global_step += 1
         finally:
             self.model.train(was_training)
-        counts = [loss_sum, tokens, loss_tokens, len(rows), truncated, len(rows) - len(kept)]
-        loss_sum, tokens, loss_tokens, n_rows, truncated, dropped = distributed.all_reduce_sum(counts, device)
+        n_rows, truncated, dropped = distributed.all_reduce_sum([len(rows), truncated, len(rows) - len(kept)], device)
+        tokens, loss_tokens = sum(s["_tokens"] for s in sums), sum(weights)
         seconds = time.perf_counter() - began
         stats = {
-            "loss": loss_sum / loss_tokens, "learning_rate": lr, "grad_norm": sum(norms) / len(norms),
-            "optimizer_steps": len(norms), "rows": int(n_rows), "truncated": int(truncated), "dropped": int(dropped),
-            "num_tokens": int(tokens), "num_loss_tokens": int(loss_tokens), "seconds": seconds,
-            "tokens_per_s": tokens / seconds,
+            "loss": sum(s["_loss"] for s in sums) / loss_tokens, "learning_rate": lr,
+            "grad_norm": sum(norms) / len(norms), "optimizer_steps": len(norms), "rows": int(n_rows),
+            "truncated": int(truncated), "dropped": int(dropped), "num_tokens": int(tokens),
+            "num_loss_tokens": int(loss_tokens), "seconds": seconds, "tokens_per_s": tokens / seconds,
         }
         self._after_step(stats, len(norms))
         return stats
-
-    def _micro_step(self, batch: PackedBatch, weight: float, last: bool) -> float:
-        """Forward and backward one packed micro-batch, its loss scaled to its share of the step
-        (``weight``: the step's target tokens over all processes; 0 for a filler copy)."""
-        with self.engine.autocast():
-            logp = self.engine.forward(self._logprobs, batch)
-        loss = -logp.sum()
-        if not torch.isfinite(loss):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise FloatingPointError(f"non-finite loss ({loss.item()}) at step {self.global_step}: stopping before the "
-                                     "weights are touched (lower the learning rate, check the data, or try fp32)")
-        if self.engine.deepspeed is not None:  # DeepSpeed steps once, after the step's last backward
-            self.engine.deepspeed.set_gradient_accumulation_boundary(last)
-        self.engine.backward(loss * (1.0 / weight if weight else 0.0))
-        return loss.item()
 
     def _after_step(self, stats: dict, done: int) -> None:
         args = self.args

@@ -493,10 +493,9 @@ class PPOTrainer(Checkpointing):
     def _reference_context(self):
         return self.model.pretrained_model.disable_adapter() if self.ref_model is None else contextlib.nullcontext()
 
-    def _reference_outputs(self, batch):
-        """The reference's log-probs and hidden states at the loss positions, and the model."""
+    def _reference_outputs(self, batch, pos):
+        """The reference's log-probs and hidden states at the loss positions ``pos``, and the model."""
         model = self.ref_model if self.ref_model is not None else self.model.pretrained_model
-        pos = (batch.labels != IGNORE_INDEX).nonzero()[:, 0]
         with self._reference_context():
             hidden = packed_hidden(model, batch)[pos]
             return head_logprobs(model, hidden, batch.labels[pos]), hidden, model
@@ -519,9 +518,11 @@ class PPOTrainer(Checkpointing):
         self.model.eval()
         try:
             for samples, batch in self._rows(units):
+                pos = (batch.labels != IGNORE_INDEX).nonzero()[:, 0]  # found once for both models
                 with self.engine.autocast():
-                    policy = self.engine.forward(functools.partial(packed_logprobs_and_values, self.model), batch)
-                    ref_logp, ref_hidden, ref = self._reference_outputs(batch)
+                    policy = self.engine.forward(
+                        functools.partial(packed_logprobs_and_values, self.model, positions=pos), batch)
+                    ref_logp, ref_hidden, ref = self._reference_outputs(batch, pos)
                     kls = _full_kl(self.model, policy.hidden, ref, ref_hidden) if full else None
                 if not samples:
                     continue

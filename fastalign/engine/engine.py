@@ -104,13 +104,17 @@ class Engine:
         reads (the fused head's ``lm_head.weight``) and routes the gradients back."""
         return fn(*args) if self.deepspeed is None else self.deepspeed(fn, *args)
 
-    def backward(self, loss: torch.Tensor) -> None:
-        """Accumulate the gradient of ``loss``, already scaled to its share of the optimizer step."""
+    def backward(self, loss: torch.Tensor, last: bool | None = None) -> None:
+        """Accumulate the gradient of ``loss``, already scaled to its share of the optimizer step.
+        ``last``: whether this is the step's last micro-batch, for DeepSpeed (None: DeepSpeed
+        counts ``gradient_accumulation_steps`` micro-batches to find it)."""
         if self.deepspeed is None:
             loss.backward()
             return
         # ZeRO averages gradients over processes and DeepSpeed steps only at the accumulation
-        # boundary (it counts the micro-batches); fastalign's loss is already the step's share.
+        # boundary; fastalign's loss is already the step's share.
+        if last is not None:
+            self.deepspeed.set_gradient_accumulation_boundary(last)
         self.deepspeed.backward(loss * self.world_size, scale_wrt_gas=False)
         self.deepspeed.step()
 

@@ -11,6 +11,9 @@ in advance, and divides every sum by the step's total weight. The gradient and t
 are therefore exact means over the step, however it is split across micro-batches and devices.
 When an epoch's last step has fewer micro-batches than that, the processes left without one run a
 weight-0 copy, so every process does the same forwards (ZeRO-3 needs it) and no data is dropped.
+
+``LossPasses``, the base of ``Trainer``, is the micro-batch pass alone (``compute_loss``,
+``batch_weight``, ``_pass``), for trainers whose steps the caller drives (``IterativeSFTTrainer``).
 """
 
 from __future__ import annotations
@@ -92,7 +95,47 @@ class Checkpointing:
         return state["step"]
 
 
-class Trainer(Checkpointing):
+class LossPasses(Checkpointing):
+    """An algorithm's loss run over packed micro-batches, shared by ``Trainer`` and the trainers the
+    caller drives step by step (``IterativeSFTTrainer``): the algorithm supplies ``compute_loss``
+    (and ``batch_weight`` when its sums count something else than loss tokens), ``_pass`` runs
+    them. Needs ``engine`` and ``global_step`` besides what ``Checkpointing`` needs."""
+
+    def batch_weight(self, batch: PackedBatch) -> float:
+        return float(batch.num_loss_tokens)
+
+    def compute_loss(self, batch: PackedBatch) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def _pass(self, share, total_weight: float | None = None) -> dict:
+        """Forward every micro-batch of ``share`` (and, given the step's ``total_weight``, backward
+        its share of the step, the last one ending the step); the counted sums over all processes:
+        ``_loss``, ``_weight``, ``_tokens``, ``_real_tokens`` and the algorithm's own sums."""
+        totals = {"_loss": 0.0, "_weight": 0.0, "_tokens": 0.0, "_real_tokens": 0.0}
+        for k, (batch, counts) in enumerate(share):
+            with self.engine.autocast():
+                loss_sum, batch_sums = self.engine.forward(self.compute_loss, batch.to(self.engine.device))
+            if total_weight is not None:
+                if not torch.isfinite(loss_sum):
+                    self.engine.optimizer.zero_grad(set_to_none=True)  # the step's earlier micro-batches' too
+                    raise FloatingPointError(
+                        f"non-finite loss ({loss_sum.item()}) at step {self.global_step}: stopping before the "
+                        "weights are touched (lower the learning rate, check the data, or try fp32)"
+                    )
+                self.engine.backward(loss_sum * (1.0 / total_weight if counts else 0.0), last=k == len(share) - 1)
+            if counts:  # counted on the batch as given (on the host): no device sync
+                totals["_loss"] += loss_sum.item()
+                totals["_weight"] += self.batch_weight(batch)
+                totals["_tokens"] += batch.num_tokens
+                totals["_real_tokens"] += int(batch.cu_seqlens[-1])
+            # Every process all-reduces the same keys: a weight-0 copy adds zeros.
+            for key, value in batch_sums.items():
+                totals[key] = totals.get(key, 0.0) + (float(value) if counts else 0.0)
+        keys = sorted(totals)
+        return dict(zip(keys, distributed.all_reduce_sum([totals[k] for k in keys], self.engine.device)))
+
+
+class Trainer(LossPasses):
     def __init__(self, model, args: TrainingConfig, train_units, eval_units=None, tokenizer=None,
                  optimizers=(None, None)):
         if not train_units:
@@ -110,15 +153,9 @@ class Trainer(Checkpointing):
         self.global_step = 0  # optimizer steps done
         self.logger = None
 
-    # ---- what an algorithm supplies -------------------------------------------------------------
+    # ---- what an algorithm supplies (with compute_loss and batch_weight) ------------------------
     def make_batches(self, units) -> list[PackedBatch]:
         return pack_all(units, self.args.max_tokens_per_batch)
-
-    def batch_weight(self, batch: PackedBatch) -> float:
-        return float(batch.num_loss_tokens)
-
-    def compute_loss(self, batch: PackedBatch) -> tuple[torch.Tensor, dict]:
-        raise NotImplementedError
 
     # ---- the loop ------------------------------------------------------------------------------
     def step_batches(self, step: int) -> list[PackedBatch]:
@@ -140,39 +177,12 @@ class Trainer(Checkpointing):
         mine = padded[distributed.rank()::self.world_size]
         return [(b, True) if b is not None else (batches[0], False) for b in mine]
 
-    def _pass(self, share, total_weight: float | None = None) -> dict:
-        """Forward every micro-batch of ``share`` (and, given the step's ``total_weight``, backward
-        its share of the step); the counted sums over all processes: ``_loss``, ``_weight``,
-        ``_tokens``, ``_real_tokens`` and the algorithm's own sums."""
-        totals = {"_loss": 0.0, "_weight": 0.0, "_tokens": 0.0, "_real_tokens": 0.0}
-        for batch, counts in share:
-            batch = batch.to(self.engine.device)
-            with self.engine.autocast():
-                loss_sum, batch_sums = self.engine.forward(self.compute_loss, batch)
-            if total_weight is not None:
-                if not torch.isfinite(loss_sum):
-                    raise FloatingPointError(
-                        f"non-finite loss ({loss_sum.item()}) at step {self.global_step}: stopping before the "
-                        "weights are touched (lower the learning rate, check the data, or try fp32)"
-                    )
-                self.engine.backward(loss_sum * (1.0 / total_weight if counts else 0.0))
-            if counts:
-                totals["_loss"] += loss_sum.item()
-                totals["_weight"] += self.batch_weight(batch)
-                totals["_tokens"] += batch.num_tokens
-                totals["_real_tokens"] += int(batch.cu_seqlens[-1])
-            # Every process all-reduces the same keys: a weight-0 copy adds zeros.
-            for key, value in batch_sums.items():
-                totals[key] = totals.get(key, 0.0) + (float(value) if counts else 0.0)
-        keys = sorted(totals)
-        return dict(zip(keys, distributed.all_reduce_sum([totals[k] for k in keys], self.engine.device)))
-
     def _run_step(self, group: list[PackedBatch]) -> dict:
         total_weight = sum(self.batch_weight(b) for b in group)
         if total_weight <= 0:
             raise ValueError(f"step {self.global_step}: its micro-batches carry no loss (weight 0)")
-        # DeepSpeed counts micro-batches to find the step boundary: every process runs exactly
-        # gradient_accumulation_steps of them.
+        # Under DeepSpeed every process runs exactly gradient_accumulation_steps of them, the
+        # micro-batches its config says a step has (``_pass`` marks the last one too).
         size = self.group_size if self.engine.deepspeed is not None else len(group)
         sums = self._pass(self._my_share(group, size), total_weight)
         tokens = sums.pop("_tokens")

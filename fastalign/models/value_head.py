@@ -134,12 +134,13 @@ class PolicyOutputs(NamedTuple):
 
 
 def packed_logprobs_and_values(model, batch: PackedBatch, temperature: float = 1.0,
-                               return_entropy: bool = False) -> PolicyOutputs:
+                               return_entropy: bool = False, positions: torch.Tensor | None = None) -> PolicyOutputs:
     """The policy forward of a value-head model: one body call over the packed row, then the
     heads at its loss positions only (a PPO batch's response tokens): the fused lm_head (no
     ``[N, V]`` logits; log-probs at ``temperature``, and each position's entropy with
-    ``return_entropy``) and the value head."""
-    pos = (batch.labels != IGNORE_INDEX).nonzero()[:, 0]
+    ``return_entropy``) and the value head. ``positions`` (the loss positions, when the caller
+    already has them) saves finding them again."""
+    pos = (batch.labels != IGNORE_INDEX).nonzero()[:, 0] if positions is None else positions
     hidden = packed_hidden(model, batch)[pos]
     heads = head_logprobs(model, hidden, batch.labels[pos], temperature, return_entropy)
     logp, entropy = heads if return_entropy else (heads, None)

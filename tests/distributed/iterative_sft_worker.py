@@ -117,13 +117,13 @@ def run(kind, out, deepspeed, report, flush) -> None:
     net = model()
     trainer = IterativeSFTTrainer(net, config, TOKENIZER, optimizers=(torch.optim.SGD(net.parameters(), lr=LR), None))
     forwards = []  # this call's forwards: (optimizer step, tokens, whether it counts: weight > 0)
-    micro_step = trainer._micro_step
+    run_pass = trainer._pass
 
-    def recorded(batch, weight, last):
-        forwards.append((trainer.global_step + 1, int(batch.num_tokens), bool(weight)))
-        return micro_step(batch, weight, last)
+    def recorded(share, total_weight=None):
+        forwards.extend((trainer.global_step + 1, int(batch.num_tokens), bool(counts)) for batch, counts in share)
+        return run_pass(share, total_weight)
 
-    trainer._micro_step = recorded
+    trainer._pass = recorded
     report.update(stage=trainer.engine.zero_stage, world=trainer.world_size, held=held(trainer.model.parameters()),
                   steps=[])
     flush()

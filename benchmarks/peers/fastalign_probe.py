@@ -25,18 +25,25 @@ from benchmarks.peers.workload import (BATCH, BETA, LEARNING_RATE, MAX_LENGTH, M
 
 def in_order(trainer_cls, rows_per_step: int):
     """``trainer_cls`` whose micro-batches are consecutive groups of ``rows_per_step`` units."""
-    from fastalign.data import pack
 
     class InOrder(trainer_cls):
-        def make_batches(self, units):
-            if units and hasattr(units[0], "sequences"):  # preference pairs
-                self.data_digest = digest([flat(pair_record(p).values()) for p in units])
-                units = [p.sequences() for p in units]
+        def plan(self, store):
+            kept = store.kept.tolist()
+            if len(store.halves) == 2:  # preference pairs, as TRL's pre-tokenized columns
+                self.data_digest = digest([flat(pair_record(_StoredPair(store, i)).values()) for i in kept])
             else:  # SFT: one sequence per unit
-                self.data_digest = digest([u[0].input_ids for u in units])
-            return [pack(units[i:i + rows_per_step]) for i in range(0, len(units), rows_per_step)]
+                self.data_digest = digest([store.unit(i)[0].input_ids.tolist() for i in kept])
+            return [kept[i:i + rows_per_step] for i in range(0, len(kept), rows_per_step)]
 
     return InOrder
+
+
+class _StoredPair:
+    """Row ``i`` of a pair store with the fields of a ``fastalign.data.Pair`` that ``pair_record`` reads."""
+
+    def __init__(self, store, i):
+        (c, nc), (r, nr) = [(h.ids[i].tolist(), int(h.prompt[i])) for h in store.halves]
+        self.chosen_prompt, self.chosen, self.rejected = c[:nc], c[nc:], r[nr:]
 
 
 SYSTEMS = ("fastalign", "fastalign-ckpt")

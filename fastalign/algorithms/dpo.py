@@ -125,24 +125,24 @@ class DPOTrainer(PairTrainer):
         return out
 
     def _precompute(self, batches, name) -> None:
-        """Every batch's reference log-probs, in one pass shared out over the processes like the
-        evaluation's (each computes its share, then one all-reduce gives everyone all of them)."""
+        """Every pair's reference log-probs, in one pass shared out over the processes like the
+        evaluation's (each computes its share of the micro-batches, then one all-reduce gives
+        everyone all of them); kept per store row, so every batch built later carries them."""
         if not batches:
             return
-        offsets = [0]
-        for b in batches:
-            offsets.append(offsets[-1] + b.num_sequences)
-        flat = [0.0] * offsets[-1]
+        store = batches.store
+        logps = torch.zeros(len(store), 2, dtype=torch.float64)
         show = distributed.is_main() and not self.args.disable_tqdm
-        share = self._my_share(list(range(len(batches))))  # indices: where each one's log-probs go
+        share = self._my_share(list(range(len(batches))))
         for k, counts in tqdm(share, desc=f"reference log-probs ({name})", disable=not show):
             with torch.no_grad(), self.engine.autocast():
-                logps = self.engine.forward(self.reference_logps, batches[k].to(self.engine.device))
-            if counts:
-                flat[offsets[k]:offsets[k + 1]] = logps.tolist()
-        flat = distributed.all_reduce_sum(flat, self.engine.device)
-        for k, b in enumerate(batches):
-            b.extras["ref_logps"] = torch.tensor(flat[offsets[k]:offsets[k + 1]], dtype=torch.float32)
+                out = self.engine.forward(self.reference_logps, batches[k].to(self.engine.device))
+            if counts:  # a batch's sequences are its pairs' halves, in plan order
+                logps[batches.plan[k]] = out.detach().double().cpu().view(-1, 2)
+        if distributed.world_size() > 1:
+            logps = logps.to(self.engine.device)
+            torch.distributed.all_reduce(logps)
+        store.sequence_extras["ref_logps"] = logps.cpu().numpy()
 
     # ---- the loss ------------------------------------------------------------------------------
     def compute_loss(self, batch):

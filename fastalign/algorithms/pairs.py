@@ -7,24 +7,28 @@ The weight of a micro-batch is its number of pairs: logged values are means over
 
 from __future__ import annotations
 
-from fastalign.data import Pair, load_rows, pack_all, tokenize_pairs
+from fastalign.data import PairEncoder, load_rows
+from fastalign.data.preference import pair_store
+from fastalign.data.store import PAIR_HALVES, TokenStore, tokenize_rows
 from fastalign.engine import Trainer
 
 
 class PairTrainer(Trainer):
-    """A ``Trainer`` whose units are ``Pair``s; subclasses write ``compute_loss``."""
+    """A ``Trainer`` whose units are pairs (store rows of a chosen and a rejected half);
+    subclasses write ``compute_loss``."""
 
-    def _pairs(self, name, dataset, tokenizer, args) -> list[Pair]:
-        pairs, report = tokenize_pairs(
-            load_rows(dataset), tokenizer, max_length=args.max_length, max_prompt_length=args.max_prompt_length,
-            truncation_mode=args.truncation_mode, drop_bad_pairs=args.drop_bad_pairs,
-        )
-        self.reports[name] = report
-        longest = max((p.num_tokens for p in pairs), default=0)
+    def _pairs(self, name, dataset, tokenizer, args) -> TokenStore:
+        encode = PairEncoder(tokenizer, args.max_length, args.max_prompt_length, args.truncation_mode,
+                             args.drop_bad_pairs)
+        table = tokenize_rows(load_rows(dataset), encode, PAIR_HALVES, num_proc=args.dataset_num_proc,
+                              desc=f"tokenizing the {name} set")
+        store = pair_store(table)
+        self.reports[name] = store.report
+        longest = int(store.lengths.max(initial=0))
         if longest > args.max_tokens_per_batch:
             raise ValueError(f"the {name} set has a pair of {longest} tokens, more than max_tokens_per_batch="
                              f"{args.max_tokens_per_batch}: raise it to at least 2 x max_length, or lower max_length")
-        return pairs
+        return store
 
     def _datasets(self, args, train_dataset, eval_dataset, tokenizer):
         if train_dataset is None:
@@ -33,12 +37,6 @@ class PairTrainer(Trainer):
         train = self._pairs("train", train_dataset, tokenizer, args)
         evals = self._pairs("eval", eval_dataset, tokenizer, args) if eval_dataset is not None else None
         return train, evals
-
-    def make_batches(self, pairs: list[Pair]):
-        extras = None
-        if any(p.margin is not None for p in pairs):  # a missing margin counts as 0
-            extras = {"margin": [[p.margin or 0.0] * 2 for p in pairs]}
-        return pack_all([p.sequences() for p in pairs], self.args.max_tokens_per_batch, extras)
 
     def batch_weight(self, batch) -> float:
         return float(batch.chosen.numel())

@@ -1,7 +1,8 @@
 """Supervised fine-tuning on the packed core.
 
-Rows are tokenized (``fastalign.data.tokenize_sft``: plain text, prompt/completion, chat
-``messages`` or pre-tokenized ids), packed into padding-free micro-batches, and the loss is the
+Rows are tokenized once into a token store (``fastalign.data.SFTEncoder``: plain text,
+prompt/completion, chat ``messages`` or pre-tokenized ids; in ``dataset_num_proc`` processes, cached
+beside the data set), packed into padding-free micro-batches, and the loss is the
 mean negative log-likelihood over the loss tokens of each optimizer step, computed through the
 fused head at loss positions only. With ``completion_only_loss`` (the default) prompt tokens and
 non-assistant turns carry no loss.
@@ -17,7 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fastalign.data import load_rows, tokenize_sft
+from fastalign.data import SFTEncoder, load_rows
+from fastalign.data.store import SFT_HALVES, TokenStore, tokenize_rows
 from fastalign.engine import TrainingConfig, Trainer
 from fastalign.models import load_model, packed_logprobs, prepare_model
 
@@ -44,29 +46,26 @@ class SFTTrainer(Trainer):
             raise ValueError("SFTTrainer needs a train_dataset")
         model, tokenizer, self.attention = prepare_model(model, tokenizer, peft_config, self.model_loader)
         self.reports = {}
-        units = self._units("train", train_dataset, tokenizer, args, formatting_func)
-        eval_units = self._units("eval", eval_dataset, tokenizer, args, formatting_func) if eval_dataset is not None else None
-        super().__init__(model, args, units, eval_units, tokenizer, optimizers)
+        train = self._store("train", train_dataset, tokenizer, args, formatting_func)
+        evals = self._store("eval", eval_dataset, tokenizer, args, formatting_func) if eval_dataset is not None else None
+        super().__init__(model, args, train, evals, tokenizer, optimizers)
         self._neftune_lengths = None
         if args.neftune_noise_alpha:
             model.get_input_embeddings().register_forward_hook(self._neftune_hook)
 
-    def _units(self, name, dataset, tokenizer, args, formatting_func):
-        rows = load_rows(dataset)
-        sequences, report = tokenize_sft(
-            rows, tokenizer, dataset_text_field=args.dataset_text_field, formatting_func=formatting_func,
-            max_length=args.max_length, truncation_mode=args.truncation_mode,
-            completion_only_loss=args.completion_only_loss,
-        )
-        self.reports[name] = report
-        return [[s] for s in sequences]
+    def _store(self, name, dataset, tokenizer, args, formatting_func) -> TokenStore:
+        encode = SFTEncoder(tokenizer, args.dataset_text_field, formatting_func, args.max_length,
+                            args.truncation_mode, args.completion_only_loss)
+        table = tokenize_rows(load_rows(dataset), encode, SFT_HALVES, num_proc=args.dataset_num_proc,
+                              desc=f"tokenizing the {name} set")
+        store = TokenStore(table, SFT_HALVES)
+        self.reports[name] = store.report
+        return store
 
-    def make_batches(self, units):
+    def plan(self, store):
         if self.args.packing:
-            return super().make_batches(units)
-        from fastalign.data import pack
-
-        return [pack([u]) for u in units]
+            return super().plan(store)
+        return [[i] for i in store.kept.tolist()]  # one sequence per micro-batch
 
     def compute_loss(self, batch):
         if self.args.neftune_noise_alpha and self.model.training:

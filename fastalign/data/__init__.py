@@ -1,12 +1,13 @@
 """Data: reading datasets, tokenized sequences and preference pairs, padding-free packing, PackedBatch."""
 
-from .formats import TokenizeReport, tokenize_sft
+from .formats import SFTEncoder, TokenizeReport, tokenize_sft
 from .loading import load_rows
 from .packing import IGNORE_INDEX, PackedBatch, Sequence, pack, pack_all, plan_batches
-from .preference import Pair, tokenize_pairs
+from .preference import Pair, PairEncoder, tokenize_pairs
+from .store import Batches, TokenStore, tokenize_rows
 
 __all__ = [
     "IGNORE_INDEX", "PackedBatch", "Sequence", "load_rows", "pack", "pack_all", "plan_batches", "TokenizeReport",
     "tokenize_sft",
-    "Pair", "tokenize_pairs",
+    "Pair", "tokenize_pairs", "SFTEncoder", "PairEncoder", "TokenStore", "Batches", "tokenize_rows",
 ]

@@ -108,26 +108,89 @@ def _conversation(tokenizer, messages: list[dict], i: int, completion_only: bool
     return ids, mask
 
 
-def _row_tokens(row, i, tokenizer, text_field, formatting_func, completion_only):
-    if formatting_func is not None:
-        text = formatting_func(row)
-        if not isinstance(text, str) or not text:
-            raise _bad(i, "formatting_func", "must return a non-empty string")
-        ids = _ids(tokenizer, text, special=True)
-        return _masked_with_eos(tokenizer, ids, [True] * len(ids))
-    if "input_ids" in row:
-        ids, labels = _pretokenized(row, i, "input_ids", "labels", "labels")
-        return ids, ([True] * len(ids) if labels is None else [label != IGNORE_INDEX for label in labels])
-    if "messages" in row:
-        ids, mask = _conversation(tokenizer, _messages(row, i, "messages"), i, completion_only)
-        return _masked_with_eos(tokenizer, ids, mask)
-    if "prompt" in row or "completion" in row:
-        prompt = _ids(tokenizer, _text(row, i, "prompt"), special=True)
-        completion = _ids(tokenizer, _text(row, i, "completion"), special=False)
-        mask = [not completion_only] * len(prompt) + [True] * len(completion)
-        return _masked_with_eos(tokenizer, prompt + completion, mask)
-    ids = _ids(tokenizer, _text(row, i, text_field or "text"), special=True)
-    return _masked_with_eos(tokenizer, ids, [True] * len(ids))
+class Texts:
+    """The texts of a batch of rows, tokenized in one call per kind (the fast tokenizer encodes a
+    batch in parallel): ``add`` returns a slot, ``encode`` runs the tokenizer, ``[slot]`` reads."""
+
+    def __init__(self):
+        self.texts: tuple[list[str], list[str]] = ([], [])  # without, with special tokens
+        self.ids: list[list[list[int]]] = [[], []]
+
+    def add(self, text: str, special: bool) -> tuple[int, int]:
+        self.texts[special].append(text)
+        return int(special), len(self.texts[special]) - 1
+
+    def encode(self, tokenizer) -> None:
+        self.ids = [tokenizer(texts, add_special_tokens=bool(s))["input_ids"] if texts else []
+                    for s, texts in enumerate(self.texts)]
+
+    def __getitem__(self, slot: tuple[int, int]) -> list[int]:
+        return self.ids[slot[0]][slot[1]]
+
+
+@dataclass
+class SFTEncoder:
+    """SFT rows to token-store columns (``fastalign.data.store``): per row its ids, the length of
+    its no-loss prompt or an explicit loss mask, whether it was truncated and its loss tokens. A
+    dropped row (no loss token left) keeps its place with no ids."""
+
+    tokenizer: object
+    dataset_text_field: str | None = None
+    formatting_func: object = None
+    max_length: int | None = None
+    truncation_mode: str = "keep_start"
+    completion_only_loss: bool = True
+
+    def __post_init__(self):
+        check_truncation(self.max_length, self.truncation_mode)
+
+    def _parse(self, row: dict, i: int, texts: Texts):
+        """What the row holds: ``(ids, prompt, mask)`` known now, or the slots of texts to encode."""
+        if self.formatting_func is not None:
+            text = self.formatting_func(row)
+            if not isinstance(text, str) or not text:
+                raise _bad(i, "formatting_func", "must return a non-empty string")
+            return "text", texts.add(text, True)
+        if "input_ids" in row:
+            ids, labels = _pretokenized(row, i, "input_ids", "labels", "labels")
+            return "ids", (ids, 0, None if labels is None else [label != IGNORE_INDEX for label in labels])
+        if "messages" in row:
+            ids, mask = _conversation(self.tokenizer, _messages(row, i, "messages"), i, self.completion_only_loss)
+            ids, mask = _masked_with_eos(self.tokenizer, ids, mask)
+            return "ids", (ids, 0, mask)
+        if "prompt" in row or "completion" in row:
+            return "prompt", (texts.add(_text(row, i, "prompt"), True), texts.add(_text(row, i, "completion"), False))
+        return "text", texts.add(_text(row, i, self.dataset_text_field or "text"), True)
+
+    def _tokens(self, kind, what, texts: Texts):
+        if kind == "ids":
+            return what
+        if kind == "text":
+            return _with_eos(self.tokenizer, texts[what]), 0, None
+        prompt, completion = texts[what[0]], texts[what[1]]
+        return _with_eos(self.tokenizer, prompt + completion), len(prompt) if self.completion_only_loss else 0, None
+
+    def __call__(self, rows: list[dict], indices: list[int]) -> dict[str, list]:
+        texts = Texts()
+        parsed = [self._parse(row, i, texts) for row, i in zip(rows, indices)]
+        texts.encode(self.tokenizer)
+        out = {"ids": [], "prompt": [], "mask": [], "truncated": [], "loss": []}
+        for kind, what in parsed:
+            ids, prompt, mask = self._tokens(kind, what, texts)
+            truncated = self.max_length is not None and len(ids) > self.max_length
+            if truncated:
+                cut = kept_part(len(ids), self.max_length, self.truncation_mode)
+                prompt = max(0, min(prompt - cut.start, self.max_length))
+                ids, mask = ids[cut], None if mask is None else mask[cut]
+            loss = sum(mask[1:]) if mask is not None else len(ids) - max(prompt, 1)
+            if len(ids) < 2 or loss <= 0:
+                ids, prompt, mask, loss = [], 0, None, 0
+            out["ids"].append(ids)
+            out["prompt"].append(prompt)
+            out["mask"].append([] if mask is None else [int(m) for m in mask])
+            out["truncated"].append(truncated)
+            out["loss"].append(loss)
+        return out
 
 
 def check_truncation(max_length, truncation_mode) -> None:
@@ -153,18 +216,12 @@ def tokenize_sft(
     truncation_mode="keep_start",
     completion_only_loss=True,
 ):
-    """``(sequences, report)`` for SFT from any iterable of row mappings (a ``datasets.Dataset``)."""
-    check_truncation(max_length, truncation_mode)
-    sequences, report = [], TokenizeReport()
-    for i, row in enumerate(rows):
-        report.rows += 1
-        ids, mask = _row_tokens(row, i, tokenizer, dataset_text_field, formatting_func, completion_only_loss)
-        if max_length is not None and len(ids) > max_length:
-            report.truncated += 1
-            cut = kept_part(len(ids), max_length, truncation_mode)
-            ids, mask = ids[cut], mask[cut]
-        if len(ids) < 2 or not any(mask[1:]):
-            report.dropped += 1
-            continue
-        sequences.append(Sequence(ids, mask))
-    return sequences, report
+    """``(sequences, report)`` for SFT from any iterable of row mappings, in memory: the small-data
+    form of what the trainers read from a token store (``fastalign.data.store``)."""
+    from .store import SFT_HALVES, TokenStore, tokenize_rows
+
+    encode = SFTEncoder(tokenizer, dataset_text_field, formatting_func, max_length, truncation_mode,
+                        completion_only_loss)
+    store = TokenStore(tokenize_rows(rows, encode, SFT_HALVES), SFT_HALVES)
+    sequences = [store.unit(i)[0] for i in store.kept]
+    return [Sequence(s.input_ids.tolist(), s.loss_mask.tolist()) for s in sequences], store.report

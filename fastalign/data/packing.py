@@ -19,6 +19,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 IGNORE_INDEX = -100
@@ -26,13 +27,14 @@ IGNORE_INDEX = -100
 
 @dataclass
 class Sequence:
-    """One tokenized sequence; ``loss_mask[t]`` says whether token t is predicted with a loss."""
+    """One tokenized sequence; ``loss_mask[t]`` says whether token t is predicted with a loss.
+    Lists or numpy arrays (a token store hands out views of its memory-mapped ids)."""
 
-    input_ids: list[int]
-    loss_mask: list[bool] | None = None  # None: every token after the first carries a loss
+    input_ids: list[int] | np.ndarray
+    loss_mask: list[bool] | np.ndarray | None = None  # None: every token after the first carries a loss
 
     def __post_init__(self):
-        if not self.input_ids:
+        if len(self.input_ids) == 0:
             raise ValueError("a sequence needs at least one token")
         if self.loss_mask is not None and len(self.loss_mask) != len(self.input_ids):
             raise ValueError(f"loss_mask has {len(self.loss_mask)} entries for {len(self.input_ids)} tokens")
@@ -99,31 +101,36 @@ def pack(units: list[list[Sequence]], extras: dict[str, list[float]] | None = No
     """One ``PackedBatch`` from units (lists of sequences). Units of two sequences are pairs
     (chosen first); ``extras`` maps a name to one value per *sequence* (in unit order)."""
     seqs = [s for unit in units for s in unit]
-    lengths = [len(s.input_ids) for s in seqs]
-    ids, pos, labels, seq_index = [], [], [], []
-    for k, s in enumerate(seqs):
-        n = len(s.input_ids)
-        mask = s.loss_mask if s.loss_mask is not None else [True] * n
-        ids += s.input_ids
-        pos += range(n)
-        seq_index += [k] * n
-        labels += [s.input_ids[t + 1] if mask[t + 1] else IGNORE_INDEX for t in range(n - 1)] + [IGNORE_INDEX]
-    cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
-    cu[1:] = torch.tensor(lengths).cumsum(0)
-    batch = PackedBatch(
-        input_ids=torch.tensor(ids).unsqueeze(0),
-        position_ids=torch.tensor(pos).unsqueeze(0),
-        cu_seqlens=cu,
-        max_seqlen=max(lengths),
-        seq_index=torch.tensor(seq_index),
-        labels=torch.tensor(labels),
-        extras={k: torch.tensor(v, dtype=torch.float32) for k, v in (extras or {}).items()},
-    )
     if units and all(len(u) == 2 for u in units):
-        starts = torch.arange(0, len(seqs), 2)
-        batch.chosen, batch.rejected = starts, starts + 1
+        pairs = True
     elif any(len(u) != 1 for u in units):
         raise ValueError("units must all be single sequences or all be (chosen, rejected) pairs")
+    else:
+        pairs = False
+    lengths = np.array([len(s.input_ids) for s in seqs], dtype=np.int64)
+    ids = np.concatenate([np.asarray(s.input_ids, dtype=np.int64) for s in seqs])
+    mask = np.concatenate([np.ones(len(s.input_ids), dtype=bool) if s.loss_mask is None
+                           else np.asarray(s.loss_mask, dtype=bool) for s in seqs])
+    starts = np.cumsum(lengths) - lengths
+    seq_index = np.repeat(np.arange(len(seqs)), lengths)
+    # The next token where it carries a loss and belongs to the same sequence, else -100.
+    labels = np.full(ids.shape, IGNORE_INDEX, dtype=np.int64)
+    scored = mask[1:] & (seq_index[1:] == seq_index[:-1])
+    labels[:-1][scored] = ids[1:][scored]
+    cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
+    cu[1:] = torch.from_numpy(np.cumsum(lengths))
+    batch = PackedBatch(
+        input_ids=torch.from_numpy(ids).unsqueeze(0),
+        position_ids=torch.from_numpy(np.arange(len(ids)) - np.repeat(starts, lengths)).unsqueeze(0),
+        cu_seqlens=cu,
+        max_seqlen=int(lengths.max()),
+        seq_index=torch.from_numpy(seq_index),
+        labels=torch.from_numpy(labels),
+        extras={k: torch.tensor(v, dtype=torch.float32) for k, v in (extras or {}).items()},
+    )
+    if pairs:
+        starts = torch.arange(0, len(seqs), 2)
+        batch.chosen, batch.rejected = starts, starts + 1
     return batch
 
 

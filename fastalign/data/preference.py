@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .formats import TokenizeReport, _bad, _column, _ids, _messages, _pretokenized, _text, _with_eos, check_truncation
+from .formats import Texts, TokenizeReport, _bad, _column, _ids, _messages, _pretokenized, _text, _with_eos, check_truncation
 from .packing import Sequence
 
 
@@ -68,12 +68,13 @@ def _attended(row, i, half) -> list[int]:
     return ids if mask is None else [t for t, m in zip(ids, mask) if m]
 
 
-def _split(tokenizer, row, i) -> tuple[list[int], list[int], list[int], list[int]]:
-    """``(prompt_c, completion_c, prompt_r, completion_r)`` token ids of one row."""
+def _parse(tokenizer, row, i, texts: Texts):
+    """What a row holds: its four id lists now (pre-tokenized, conversational rows), or the slots
+    of its texts in ``texts`` (prompt or None, prompt + chosen, prompt + rejected)."""
     if "input_ids_chosen" in row:
         full_c, full_r = _attended(row, i, "chosen"), _attended(row, i, "rejected")
         n = _common_prefix(full_c, full_r)
-        return full_c[:n], full_c[n:], full_r[:n], full_r[n:]
+        return "ids", (full_c[:n], full_c[n:], full_r[:n], full_r[n:])
     for column in ("chosen", "rejected"):
         _column(row, i, column)  # a missing one named first, whatever else is wrong
     if isinstance(row["chosen"], list):  # conversational
@@ -87,15 +88,24 @@ def _split(tokenizer, row, i) -> tuple[list[int], list[int], list[int], list[int
         else:
             full_c, full_r = render(chosen), render(rejected)
             prompt_ids = full_c[:_common_prefix(full_c, full_r)]
-    elif row.get("prompt") is not None:  # explicit prompt
+        return "split", (prompt_ids, full_c, full_r)
+    if row.get("prompt") is not None:  # explicit prompt
         prompt = _text(row, i, "prompt")
-        prompt_ids = _ids(tokenizer, prompt, special=True)
-        full_c = _ids(tokenizer, prompt + _text(row, i, "chosen"), special=True)
-        full_r = _ids(tokenizer, prompt + _text(row, i, "rejected"), special=True)
-    else:  # implicit prompt
-        full_c = _ids(tokenizer, _text(row, i, "chosen"), special=True)
-        full_r = _ids(tokenizer, _text(row, i, "rejected"), special=True)
-        prompt_ids = full_c[:_common_prefix(full_c, full_r)]
+        return "texts", (texts.add(prompt, True), texts.add(prompt + _text(row, i, "chosen"), True),
+                         texts.add(prompt + _text(row, i, "rejected"), True))
+    # implicit prompt
+    return "texts", (None, texts.add(_text(row, i, "chosen"), True), texts.add(_text(row, i, "rejected"), True))
+
+
+def _split(tokenizer, kind, what, texts: Texts) -> tuple[list[int], list[int], list[int], list[int]]:
+    """``(prompt_c, completion_c, prompt_r, completion_r)`` token ids of one parsed row."""
+    if kind == "ids":
+        return what
+    if kind == "split":
+        prompt_ids, full_c, full_r = what
+    else:
+        full_c, full_r = texts[what[1]], texts[what[2]]
+        prompt_ids = texts[what[0]] if what[0] is not None else full_c[:_common_prefix(full_c, full_r)]
     full_c, full_r = _with_eos(tokenizer, full_c), _with_eos(tokenizer, full_r)
     n_c, n_r = _common_prefix(prompt_ids, full_c), _common_prefix(prompt_ids, full_r)
     return full_c[:n_c], full_c[n_c:], full_r[:n_r], full_r[n_r:]
@@ -122,36 +132,87 @@ def truncate_pair(prompt_c, chosen, prompt_r, rejected, max_length, max_prompt_l
     return prompt_c, chosen, prompt_r, rejected
 
 
-def tokenize_pairs(rows, tokenizer, *, max_length=512, max_prompt_length=128, truncation_mode="keep_end",
-                   drop_bad_pairs=False) -> tuple[list[Pair], TokenizeReport]:
-    """``(pairs, report)`` from any iterable of preference rows (a ``datasets.Dataset``)."""
-    check_truncation(max_length, truncation_mode)
-    if max_length is not None:
-        if max_prompt_length is None or not 0 < max_prompt_length < max_length:
-            raise ValueError(f"max_prompt_length must be in [1, max_length={max_length}), got {max_prompt_length}: "
-                             "the completions need room")
-    pairs, report = [], TokenizeReport(unit="pairs", dropped_because="bad pairs")
-    for i, row in enumerate(rows):
-        report.rows += 1
-        prompt_c, chosen, prompt_r, rejected = _split(tokenizer, row, i)
-        margin = _margin(row, i)
-        problem = None
+@dataclass
+class PairEncoder:
+    """Preference rows to token-store columns (``fastalign.data.store``): per half its ids (prompt
+    then completion) and prompt length, per row whether it was truncated and its margin. A bad
+    pair raises naming the row, or with ``drop_bad_pairs`` keeps its place with no ids."""
+
+    tokenizer: object
+    max_length: int | None = 512
+    max_prompt_length: int | None = 128
+    truncation_mode: str = "keep_end"
+    drop_bad_pairs: bool = False
+
+    def __post_init__(self):
+        check_truncation(self.max_length, self.truncation_mode)
+        if self.max_length is not None:
+            if self.max_prompt_length is None or not 0 < self.max_prompt_length < self.max_length:
+                raise ValueError(f"max_prompt_length must be in [1, max_length={self.max_length}), got "
+                                 f"{self.max_prompt_length}: the completions need room")
+
+    def _pair(self, i, prompt_c, chosen, prompt_r, rejected):
+        """The pair after truncation, whether it was cut, and what is wrong with it (or None)."""
+        truncated = False
         if prompt_c + chosen == prompt_r + rejected:
-            problem = "chosen and rejected are the same"
-        elif not chosen or not rejected:
-            problem = f"the {'chosen' if not chosen else 'rejected'} completion is empty (nothing after the prompt)"
-        if problem is None and max_length is not None:
+            return (prompt_c, chosen, prompt_r, rejected), truncated, "chosen and rejected are the same"
+        if not chosen or not rejected:
+            empty = "chosen" if not chosen else "rejected"
+            return (prompt_c, chosen, prompt_r, rejected), truncated, \
+                f"the {empty} completion is empty (nothing after the prompt)"
+        if self.max_length is not None:
             before = (len(prompt_c) + len(chosen), len(prompt_r) + len(rejected))
             prompt_c, chosen, prompt_r, rejected = truncate_pair(
-                prompt_c, chosen, prompt_r, rejected, max_length, max_prompt_length, truncation_mode)
-            if (len(prompt_c) + len(chosen), len(prompt_r) + len(rejected)) != before:
-                report.truncated += 1
-                if prompt_c + chosen == prompt_r + rejected:
-                    problem = f"chosen and rejected are the same after truncation to max_length={max_length}"
-        if problem is not None:
-            if not drop_bad_pairs:
-                raise ValueError(f"row {i}: {problem} (drop_bad_pairs=True drops such rows and counts them)")
-            report.dropped += 1
-            continue
-        pairs.append(Pair(prompt_c, chosen, prompt_r, rejected, margin))
-    return pairs, report
+                prompt_c, chosen, prompt_r, rejected, self.max_length, self.max_prompt_length, self.truncation_mode)
+            truncated = (len(prompt_c) + len(chosen), len(prompt_r) + len(rejected)) != before
+            if truncated and prompt_c + chosen == prompt_r + rejected:
+                return (prompt_c, chosen, prompt_r, rejected), truncated, \
+                    f"chosen and rejected are the same after truncation to max_length={self.max_length}"
+        return (prompt_c, chosen, prompt_r, rejected), truncated, None
+
+    def __call__(self, rows: list[dict], indices: list[int]) -> dict[str, list]:
+        texts = Texts()
+        parsed = [(_parse(self.tokenizer, row, i, texts), _margin(row, i)) for row, i in zip(rows, indices)]
+        texts.encode(self.tokenizer)
+        out = {k: [] for k in ("chosen_ids", "chosen_prompt", "chosen_mask", "rejected_ids", "rejected_prompt",
+                               "rejected_mask", "truncated", "loss", "margin")}
+        for i, ((kind, what), margin) in zip(indices, parsed):
+            (prompt_c, chosen, prompt_r, rejected), truncated, problem = self._pair(
+                i, *_split(self.tokenizer, kind, what, texts))
+            if problem is not None:
+                if not self.drop_bad_pairs:
+                    raise ValueError(f"row {i}: {problem} (drop_bad_pairs=True drops such rows and counts them)")
+                prompt_c = chosen = prompt_r = rejected = []
+            for half, prompt, completion in (("chosen_", prompt_c, chosen), ("rejected_", prompt_r, rejected)):
+                out[f"{half}ids"].append(prompt + completion)
+                out[f"{half}prompt"].append(len(prompt))
+                out[f"{half}mask"].append([])
+            out["truncated"].append(truncated)
+            out["loss"].append(len(chosen) + len(rejected))
+            out["margin"].append(margin)
+        return out
+
+
+def tokenize_pairs(rows, tokenizer, *, max_length=512, max_prompt_length=128, truncation_mode="keep_end",
+                   drop_bad_pairs=False) -> tuple[list[Pair], TokenizeReport]:
+    """``(pairs, report)`` from any iterable of preference rows, in memory: the small-data form of
+    what the trainers read from a token store (``fastalign.data.store``)."""
+    from .store import PAIR_HALVES, TokenStore, tokenize_rows
+
+    encode = PairEncoder(tokenizer, max_length, max_prompt_length, truncation_mode, drop_bad_pairs)
+    store = pair_store(tokenize_rows(rows, encode, PAIR_HALVES))
+    table = store.table
+    pairs = []
+    for i in store.kept.tolist():
+        (c, nc), (r, nr) = [(table.column(f"{h}ids")[i].as_py(), table.column(f"{h}prompt")[i].as_py())
+                            for h in PAIR_HALVES]
+        margin = table.column("margin")[i].as_py()
+        pairs.append(Pair(c[:nc], c[nc:], r[:nr], r[nr:], margin))
+    return pairs, store.report
+
+
+def pair_store(table):
+    """A ``TokenStore`` of pairs, reported as such."""
+    from .store import PAIR_HALVES, TokenStore
+
+    return TokenStore(table, PAIR_HALVES, unit="pairs", dropped_because="bad pairs")

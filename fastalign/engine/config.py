@@ -35,6 +35,8 @@ class TrainingConfig:
     max_tokens_per_batch: int = 4096
     gradient_accumulation_steps: int = 1
     shuffle: bool = True
+    # Data: tokenizing processes (None: every core for a large data set, one for a small one).
+    dataset_num_proc: int | None = None
     # Precision and memory.
     bf16: bool = False
     gradient_checkpointing: bool = False
@@ -64,6 +66,7 @@ class TrainingConfig:
             "num_train_epochs": self.num_train_epochs >= 1 or self.max_steps > 0,
             "warmup_ratio": 0.0 <= self.warmup_ratio <= 1.0,
             "logging_steps": self.logging_steps >= 1,
+            "dataset_num_proc": self.dataset_num_proc is None or self.dataset_num_proc >= 1,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:

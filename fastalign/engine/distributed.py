@@ -22,6 +22,7 @@ such a parameter and routes its gradient back to the shard.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -104,6 +105,20 @@ def init_distributed() -> None:
         return
     deepspeed = import_deepspeed()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+
+
+@contextlib.contextmanager
+def local_main_first():
+    """The block runs on each machine's main process first, then on the others (which find what
+    it wrote, a tokenized data set's cache, instead of doing the work again)."""
+    init_distributed()
+    if local_rank() != 0:
+        barrier()
+    try:
+        yield
+    finally:
+        if local_rank() == 0:
+            barrier()
 
 
 def deepspeed_config(config) -> dict:

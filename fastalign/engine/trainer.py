@@ -6,8 +6,10 @@ An algorithm subclasses ``Trainer`` and supplies two things:
   (over loss tokens for SFT, over pairs for preference losses) and a dict of other sums to log;
 - ``batch_weight(batch)``: what the sums count (default: the batch's loss tokens).
 
-Each optimizer step takes ``gradient_accumulation_steps x world_size`` packed micro-batches, known
-in advance, and divides every sum by the step's total weight. The gradient and the logged values
+Its data is a token store (``fastalign.data.store``): the epoch's micro-batches are planned from
+the units' lengths once, and each process builds the ``PackedBatch``es of its own share of a step
+when the step runs. Each optimizer step takes ``gradient_accumulation_steps x world_size`` packed
+micro-batches, known in advance, and divides every sum by the step's total weight. The gradient and the logged values
 are therefore exact means over the step, however it is split across micro-batches and devices.
 When an epoch's last step has fewer micro-batches than that, the processes left without one run a
 weight-0 copy, so every process does the same forwards (ZeRO-3 needs it) and no data is dropped.
@@ -26,7 +28,8 @@ from typing import TypeVar
 import torch
 from transformers import set_seed
 
-from fastalign.data import PackedBatch, pack_all
+from fastalign.data import PackedBatch, plan_batches
+from fastalign.data.store import Batches, TokenStore
 
 from . import checkpoint as ckpt
 from . import distributed
@@ -107,12 +110,14 @@ class LossPasses(Checkpointing):
     def compute_loss(self, batch: PackedBatch) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
 
-    def _pass(self, share, total_weight: float | None = None) -> dict:
+    def _pass(self, share, total_weight: float | None = None, source=None) -> dict:
         """Forward every micro-batch of ``share`` (and, given the step's ``total_weight``, backward
         its share of the step, the last one ending the step); the counted sums over all processes:
-        ``_loss``, ``_weight``, ``_tokens``, ``_real_tokens`` and the algorithm's own sums."""
+        ``_loss``, ``_weight``, ``_tokens``, ``_real_tokens`` and the algorithm's own sums.
+        ``share`` holds ``(batch, counts)``, or ``(k, counts)`` with the batch built as ``source[k]``."""
         totals = {"_loss": 0.0, "_weight": 0.0, "_tokens": 0.0, "_real_tokens": 0.0}
-        for k, (batch, counts) in enumerate(share):
+        for k, (item, counts) in enumerate(share):
+            batch = source[item] if source is not None else item
             with self.engine.autocast():
                 loss_sum, batch_sums = self.engine.forward(self.compute_loss, batch.to(self.engine.device))
             if total_weight is not None:
@@ -136,14 +141,14 @@ class LossPasses(Checkpointing):
 
 
 class Trainer(LossPasses):
-    def __init__(self, model, args: TrainingConfig, train_units, eval_units=None, tokenizer=None,
-                 optimizers=(None, None)):
-        if not train_units:
+    def __init__(self, model, args: TrainingConfig, train_data: TokenStore, eval_data: TokenStore | None = None,
+                 tokenizer=None, optimizers=(None, None)):
+        if len(train_data.kept) == 0:
             raise ValueError("the training set is empty (after tokenization and truncation)")
         self.args = args
         self.tokenizer = tokenizer
-        self.train_batches = self.make_batches(train_units)
-        self.eval_batches = self.make_batches(eval_units) if eval_units else []
+        self.train_batches = self.make_batches(train_data)
+        self.eval_batches = self.make_batches(eval_data) if eval_data is not None and len(eval_data.kept) else []
         self.world_size = distributed.world_size()
         self.group_size = args.gradient_accumulation_steps * self.world_size
         self.steps_per_epoch = math.ceil(len(self.train_batches) / self.group_size)
@@ -154,17 +159,28 @@ class Trainer(LossPasses):
         self.logger = None
 
     # ---- what an algorithm supplies (with compute_loss and batch_weight) ------------------------
-    def make_batches(self, units) -> list[PackedBatch]:
-        return pack_all(units, self.args.max_tokens_per_batch)
+    def plan(self, store: TokenStore) -> list[list[int]]:
+        """The micro-batches of an epoch as lists of units (store rows): best-fit decreasing into
+        ``max_tokens_per_batch``, from the lengths alone."""
+        kept = store.kept
+        return [kept[b].tolist() for b in plan_batches(store.lengths[kept], self.args.max_tokens_per_batch)]
+
+    def make_batches(self, store: TokenStore) -> Batches:
+        return Batches(store, self.plan(store))
 
     # ---- the loop ------------------------------------------------------------------------------
-    def step_batches(self, step: int) -> list[PackedBatch]:
-        """The micro-batches of optimizer step ``step`` (all processes); epochs reshuffle."""
+    def step_plan(self, step: int) -> list[int]:
+        """The micro-batches (indices into ``train_batches``) of optimizer step ``step``, all
+        processes' together; every epoch has its own order, from the seed."""
         epoch, k = divmod(step, self.steps_per_epoch)
-        order = list(range(len(self.train_batches)))
+        order = range(len(self.train_batches))
         if self.args.shuffle:
             order = torch.randperm(len(order), generator=torch.Generator().manual_seed(self.args.seed + epoch)).tolist()
-        return [self.train_batches[i] for i in order[k * self.group_size:(k + 1) * self.group_size]]
+        return list(order[k * self.group_size:(k + 1) * self.group_size])
+
+    def step_batches(self, step: int) -> list[PackedBatch]:
+        """The packed micro-batches of optimizer step ``step`` (all processes')."""
+        return [self.train_batches[k] for k in self.step_plan(step)]
 
     def _my_share(self, batches: list[T], size: int | None = None) -> list[tuple[T, bool]]:
         """This process's part of ``batches`` (or of their indices) padded to ``size`` (a multiple of
@@ -177,14 +193,16 @@ class Trainer(LossPasses):
         mine = padded[distributed.rank()::self.world_size]
         return [(b, True) if b is not None else (batches[0], False) for b in mine]
 
-    def _run_step(self, group: list[PackedBatch]) -> dict:
-        total_weight = sum(self.batch_weight(b) for b in group)
+    def _run_step(self, group: list[int]) -> dict:
+        """One optimizer step over the micro-batches ``group`` (indices into ``train_batches``):
+        each process builds and runs its own share."""
+        total_weight = sum(self.train_batches.weight(k) for k in group)
         if total_weight <= 0:
             raise ValueError(f"step {self.global_step}: its micro-batches carry no loss (weight 0)")
         # Under DeepSpeed every process runs exactly gradient_accumulation_steps of them, the
         # micro-batches its config says a step has (``_pass`` marks the last one too).
         size = self.group_size if self.engine.deepspeed is not None else len(group)
-        sums = self._pass(self._my_share(group, size), total_weight)
+        sums = self._pass(self._my_share(group, size), total_weight, self.train_batches)
         tokens = sums.pop("_tokens")
         # Pad tokens over all tokens computed: 0 by construction for packed batches.
         metrics = {"loss": sums.pop("_loss") / total_weight, "num_tokens": tokens,
@@ -200,7 +218,7 @@ class Trainer(LossPasses):
         was_training = self.model.training
         self.model.eval()
         with torch.no_grad():
-            sums = self._pass(self._my_share(self.eval_batches))
+            sums = self._pass(self._my_share(list(range(len(self.eval_batches)))), source=self.eval_batches)
         self.model.train(was_training)
         weight = sums.pop("_weight")
         for key in ("_tokens", "_real_tokens"):
@@ -224,7 +242,7 @@ class Trainer(LossPasses):
                 self.global_step = step
                 t0 = time.perf_counter()
                 lr = self.engine.lr
-                metrics = self._run_step(self.step_batches(step))
+                metrics = self._run_step(self.step_plan(step))
                 metrics["grad_norm"] = self.engine.step()
                 seconds = time.perf_counter() - t0
                 metrics.update(lr=lr, epoch=(step + 1) / self.steps_per_epoch, seconds_per_step=seconds,

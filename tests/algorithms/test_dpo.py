@@ -8,7 +8,7 @@ import torch
 from helpers import assert_close
 
 from fastalign.algorithms import DPOConfig, DPOTrainer
-from fastalign.data import IGNORE_INDEX
+from fastalign.data import IGNORE_INDEX, tokenize_pairs
 from fastalign.functional import LOSS_TYPES, dpo_loss, get_batch_logps
 from fastalign.models import sequence_logprobs
 from fastalign.models.tiny import char_tokenizer, tiny_model
@@ -26,6 +26,13 @@ def config(tmp_path, **kw):
     kw = {"output_dir": str(tmp_path), "max_tokens_per_batch": 4096, "disable_tqdm": True, "seed": 0,
           "learning_rate": 1e-2, **kw}
     return DPOConfig(**kw)
+
+
+def stored_pairs(args):
+    """``ROWS`` as the trainer tokenizes and truncates them, as ``Pair``s."""
+    pairs, _ = tokenize_pairs(ROWS, TOK, max_length=args.max_length, max_prompt_length=args.max_prompt_length,
+                              truncation_mode=args.truncation_mode)
+    return pairs
 
 
 def padded_logps(model, pairs, average):
@@ -59,7 +66,7 @@ def test_packed_fused_loss_and_gradients_equal_the_padded_path(tmp_path, loss_ty
     packed = {k: p.grad.clone() for k, p in model.named_parameters()}
     model.zero_grad()
     # Padded: two models' padded forwards, get_batch_logps, dpo_loss.
-    pairs = trainer._pairs("check", ROWS, TOK, trainer.args)
+    pairs = stored_pairs(trainer.args)
     avg = trainer.args.average_log_prob
     pi_c, pi_r = padded_logps(model, pairs, avg)
     with torch.no_grad():
@@ -84,7 +91,7 @@ def test_a_step_over_several_micro_batches_is_the_mean_over_all_pairs(tmp_path):
     trainer = DPOTrainer(model, ref_model=small(2), args=args, train_dataset=ROWS, tokenizer=TOK,
                          optimizers=(torch.optim.SGD(model.parameters(), lr=1e4), None))
     assert 1 < len(trainer.train_batches) <= 8
-    pairs = trainer._pairs("check", ROWS, TOK, args)
+    pairs = stored_pairs(args)
     pi_c, pi_r = padded_logps(start, pairs, False)
     with torch.no_grad():
         ref_c, ref_r = padded_logps(trainer.ref_model, pairs, False)
@@ -102,7 +109,7 @@ def test_precomputed_reference_equals_the_reference_model(tmp_path):
                                            precompute_ref_log_probs=True),
                      train_dataset=ROWS, eval_dataset=ROWS[:4], tokenizer=TOK)
     assert pre.ref_model is None  # no second model kept: the log-probs ride with the batches
-    for a, b in zip(on_the_fly.train_batches + on_the_fly.eval_batches, pre.train_batches + pre.eval_batches):
+    for a, b in zip([*on_the_fly.train_batches, *on_the_fly.eval_batches], [*pre.train_batches, *pre.eval_batches]):
         assert_close(b.extras["ref_logps"], on_the_fly.reference_logps(a), 1e-6, "ref logps")
     ra, rb = on_the_fly.train(), pre.train()
     assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-6)

@@ -76,7 +76,7 @@ def test_warmup_then_schedule(tmp_path, kind):
 
 def test_clipping_bounds_the_update_and_logs_the_raw_norm(tmp_path):
     trainer = make_trainer(tmp_path, max_steps=1, max_grad_norm=1e-3, learning_rate=0.0)
-    group = trainer.step_batches(0)
+    group = trainer.step_plan(0)
     trainer._run_step(group)
     raw = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in trainer.model.parameters() if p.grad is not None))
     norm = trainer.engine.step()

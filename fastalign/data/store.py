@@ -1,0 +1,194 @@
+"""Token stores: a data set tokenized once, in parallel and cached, then read without copies.
+
+    rows ─▶ datasets.Dataset.map(batched, num_proc, fingerprinted cache) ─▶ Arrow table ─▶ TokenStore
+
+Every row of the data set becomes one row of an Arrow table (``datasets``' cache file beside the
+data set's own, memory-mapped), in the same order, so a row keeps its index: errors and reports
+name the row of the data set. Each half of a row (one for SFT, ``chosen_`` and ``rejected_`` for
+pairs) has
+
+    {half}ids     list<int32>  the sequence's tokens, empty where the row is dropped
+    {half}prompt  int32        leading tokens that carry no loss (a prompt)
+    {half}mask    list<uint8>  the loss mask (0/1) where a prefix does not say it (chat turns, labels), else empty
+
+and each row ``truncated`` (bool), ``loss`` (int32, its loss tokens: an SFT micro-batch's weight)
+and, for pairs, ``margin`` (float64, null where the row has none).
+
+A second run with the same rows, tokenizer and settings finds the cache (``datasets`` fingerprints
+the data set and the tokenizing function) and skips the tokenizer. Under several processes the
+main process of each machine tokenizes first and the others then read its cache. A data set held
+in memory (a list of rows, or a ``Dataset`` made in memory) is tokenized in memory: no cache.
+
+``TokenStore`` reads the list columns as numpy views of the Arrow buffers. What it keeps in RAM
+is per row (lengths, loss-token counts, margins: a few bytes each); the token ids stay in the
+file until a packed batch reads their pages.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import datasets
+import numpy as np
+import pyarrow as pa
+
+from .formats import TokenizeReport
+from .packing import Sequence, pack
+
+SFT_HALVES = ("",)
+PAIR_HALVES = ("chosen_", "rejected_")
+# A data set of fewer rows is tokenized in the calling process (starting workers costs seconds).
+PARALLEL_MIN_ROWS = 20_000
+
+
+def features(halves: tuple[str, ...]) -> datasets.Features:
+    """The store's columns (see the module docstring)."""
+    columns = {}
+    for half in halves:
+        columns.update({f"{half}ids": datasets.List(datasets.Value("int32")), f"{half}prompt": datasets.Value("int32"),
+                        f"{half}mask": datasets.List(datasets.Value("uint8"))})
+    columns.update(truncated=datasets.Value("bool"), loss=datasets.Value("int32"))
+    if len(halves) == 2:
+        columns["margin"] = datasets.Value("float64")
+    return datasets.Features(columns)
+
+
+def default_num_proc(rows: int) -> int:
+    """Tokenizing processes for ``rows`` rows: every core (at most 8) for a large data set, else 1."""
+    return 1 if rows < PARALLEL_MIN_ROWS else max(1, min(8, len(os.sched_getaffinity(0))))
+
+
+def tokenize_rows(rows, encode, halves: tuple[str, ...], *, num_proc: int | None = None, desc: str = "tokenizing"):
+    """The token table of ``rows`` (a ``datasets.Dataset`` or a list of row dicts).
+
+    ``encode(rows: list[dict], indices: list[int]) -> dict of columns`` tokenizes a batch of rows;
+    it must be picklable (it runs in worker processes) and deterministic (its hash keys the cache).
+    """
+    if not isinstance(rows, datasets.Dataset):  # a list of rows: one call, in memory
+        rows = list(rows)
+        return pa.table(encode([dict(r) if isinstance(r, dict) else r for r in rows], list(range(len(rows)))),
+                        schema=features(halves).arrow_schema)
+    from fastalign.engine import distributed  # not at the top: the engine imports fastalign.data
+
+    num_proc = default_num_proc(len(rows)) if num_proc is None else num_proc
+    with distributed.local_main_first():
+        table = rows.map(
+            _RowBatches(encode), batched=True, with_indices=True, remove_columns=rows.column_names,
+            features=features(halves), num_proc=num_proc if num_proc > 1 and len(rows) >= 2 * num_proc else None,
+            desc=desc,
+        )
+    return table.data.table
+
+
+class _RowBatches:
+    """``datasets.map``'s batch (a dict of columns) as the list of row dicts ``encode`` takes."""
+
+    def __init__(self, encode):
+        self.encode = encode
+
+    def __call__(self, batch: dict, indices: list[int]) -> dict:
+        keys = list(batch)
+        rows = [dict(zip(keys, values)) for values in zip(*(batch[k] for k in keys))]
+        return self.encode(rows, indices)
+
+
+class _ListColumn:
+    """A ``list<...>`` column of an Arrow table as per-chunk numpy views (no copy where the
+    values are plain numbers: the views read the memory-mapped file)."""
+
+    def __init__(self, column: pa.ChunkedArray):
+        self.values, self.offsets, starts = [], [], [0]
+        for chunk in column.chunks:
+            self.offsets.append(chunk.offsets.to_numpy())
+            self.values.append(chunk.values.to_numpy())
+            starts.append(starts[-1] + len(chunk))
+        self.starts = np.array(starts, dtype=np.int64)
+
+    def lengths(self) -> np.ndarray:
+        return np.concatenate([np.diff(o) for o in self.offsets]) if self.offsets else np.zeros(0, np.int64)
+
+    def __getitem__(self, row: int) -> np.ndarray:
+        c = int(np.searchsorted(self.starts, row, side="right")) - 1
+        k = row - self.starts[c]
+        offsets = self.offsets[c]
+        return self.values[c][offsets[k]:offsets[k + 1]]
+
+
+@dataclass
+class Half:
+    """One half's columns of a token store."""
+
+    ids: _ListColumn
+    prompt: np.ndarray
+    mask: _ListColumn
+
+
+class TokenStore:
+    """A token table read as units for packing: unit ``i`` is row ``i``'s sequences (one, or a pair).
+
+    ``lengths[i]``: the unit's tokens (0 for a dropped row); ``weights[i]``: what it counts in a
+    step's mean (loss tokens for SFT, 1 for a pair); ``kept``: the rows that are not dropped;
+    ``margins``: per row, where the data set has them (a missing one counts as 0).
+    """
+
+    def __init__(self, table: pa.Table, halves: tuple[str, ...], unit: str = "rows",
+                 dropped_because: str = "no loss token left"):
+        self.table = table
+        self.halves = [Half(_ListColumn(table.column(f"{h}ids")), table.column(f"{h}prompt").to_numpy(),
+                            _ListColumn(table.column(f"{h}mask"))) for h in halves]
+        self.lengths = sum(h.ids.lengths() for h in self.halves) if len(table) else np.zeros(0, np.int64)
+        self.kept = np.flatnonzero(self.lengths > 0)
+        self.weights = (np.ones(len(table), np.float64) if len(halves) == 2
+                        else table.column("loss").to_numpy().astype(np.float64))
+        self.margins = None
+        if "margin" in table.column_names and table.column("margin").null_count < len(table):
+            self.margins = table.column("margin").fill_null(0.0).to_numpy()
+        self.sequence_extras: dict[str, np.ndarray] = {}  # name -> [rows, halves] values, added by trainers
+        truncated = int(np.count_nonzero(table.column("truncated").to_numpy(zero_copy_only=False)))
+        self.report = TokenizeReport(len(table), truncated, len(table) - len(self.kept), unit, dropped_because)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def unit(self, i: int) -> list[Sequence]:
+        """Row ``i``'s sequences, the loss mask from the prompt length or the stored mask."""
+        out = []
+        for half in self.halves:
+            ids, mask = half.ids[i], half.mask[i]
+            mask = np.arange(len(ids)) >= half.prompt[i] if len(mask) == 0 else mask.astype(bool)
+            out.append(Sequence(ids, mask))
+        return out
+
+    def extras(self, units: list[int]) -> dict[str, list[float]]:
+        """Per-sequence extras of a batch of units: the pairs' margins (on both halves) and what
+        ``sequence_extras`` holds."""
+        out = {name: values[units].reshape(-1).tolist() for name, values in self.sequence_extras.items()}
+        if self.margins is not None:
+            out["margin"] = np.repeat(self.margins[units], len(self.halves)).tolist()
+        return out
+
+
+class Batches:
+    """An epoch's packed micro-batches over a token store: planned from the units' lengths alone,
+    each ``PackedBatch`` built when it is read (``batches[k]``), so only the micro-batches of the
+    step at hand exist. ``plan[k]`` lists the units (store rows) of micro-batch ``k``."""
+
+    def __init__(self, store: TokenStore, plan: list[list[int]]):
+        self.store, self.plan = store, plan
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, k: int):
+        if not -len(self.plan) <= k < len(self.plan):
+            raise IndexError(k)
+        units = self.plan[k]
+        return pack([self.store.unit(i) for i in units], self.store.extras(units))
+
+    def __iter__(self):
+        return (self[k] for k in range(len(self)))
+
+    def weight(self, k: int) -> float:
+        """What micro-batch ``k`` counts in a step's mean (its loss tokens, or its pairs)."""
+        return float(self.store.weights[self.plan[k]].sum())

@@ -59,7 +59,7 @@ import sys  # noqa: E402
 from datetime import datetime, timezone  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from benchmarks.peers.report import rss_bytes  # noqa: E402  (plain Python: safe in the peer venv)
+from benchmarks.peers.report import peak_rss_bytes, rss_bytes  # noqa: E402  (plain Python: safe in the peer venv)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_WORK = ROOT / "benchmarks" / "out" / "data_prep"
@@ -267,18 +267,18 @@ def run_trainer(spec: dict) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer"])
     loaded, loaded_rss = time.perf_counter(), rss_bytes()
     trainer, options = build(spec, model, tokenizer)
-    built = time.perf_counter()
+    built, built_rss, built_peak_rss = time.perf_counter(), rss_bytes(), peak_rss_bytes()
     trainer.train()
     done = time.perf_counter()
-    state = getattr(trainer, "state", None)
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     return {
         "seconds": done - T0, "import_seconds": imported - T0, "load_seconds": loaded - imported,
         "prepare_seconds": built - loaded, "train_seconds": done - built,
-        "loaded_rss": loaded_rss, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "loaded_rss": loaded_rss, "built_rss": built_rss, "built_peak_rss": built_peak_rss, "peak_rss": peak_rss_bytes(),
         "end_rss": rss_bytes(), "children_peak_rss": children.ru_maxrss * 1024,
         "cpu_seconds": time.process_time(), "children_cpu_seconds": children.ru_utime + children.ru_stime,
-        "global_step": getattr(state, "global_step", None), "optional_options": options,
+        "global_step": getattr(getattr(trainer, "state", trainer), "global_step", None),  # TRL's / fastalign's
+        "optional_options": options,
         "versions": versions(spec["system"]),
     }
 
@@ -380,12 +380,6 @@ def latest(work: Path) -> dict:
     return out
 
 
-def bytes_per_token(record: dict | None, tokens: int | None) -> float | None:
-    if not record or record["status"] != "ok" or not tokens:
-        return None
-    return (record["peak_rss"] - record["loaded_rss"]) / tokens
-
-
 def run_workload(opts, paths: dict, workload: str, rows: int) -> None:
     systems = list(opts.systems)
     if "floor" not in systems and (workload, rows, "floor", "run") not in latest(opts.work):
@@ -407,54 +401,76 @@ def run_workload(opts, paths: dict, workload: str, rows: int) -> None:
 
 # ---- the report --------------------------------------------------------------------------------
 
-def fmt(value, spec: str = ".1f", unit: str = "") -> str:
-    return "-" if value is None else f"{value:{spec}}{unit}"
+def fmt(value, spec: str = ".1f") -> str:
+    return "-" if value is None else f"{value:{spec}}"
 
 
 def verdict(ok: bool | None) -> str:
     return "n/a" if ok is None else ("pass" if ok else "FAIL")
 
 
-def seconds_of(record: dict | None) -> float | None:
-    return record["seconds"] if record and record["status"] == "ok" else None
+def ok(record: dict | None) -> bool:
+    return bool(record) and record["status"] == "ok"
 
 
-def cell_seconds(record: dict | None, floor: float | None) -> str:
-    if record and record["status"] != "ok":
-        return record["status"].split(" ")[0]
-    s = seconds_of(record)
-    return fmt(s) + (f" ({s / floor:.1f}x)" if s is not None and floor else "")
+def seconds_cell(record: dict | None, floor: float | None) -> str:
+    if record and not ok(record):
+        return record["status"].split(" ")[0]  # "failed" or "timeout"
+    if not record:
+        return "-"
+    return fmt(record["seconds"]) + (f" ({record['seconds'] / floor:.1f}x)" if floor else "")
 
 
-def table_row(records: dict, workload: str, rows: int) -> str:
-    get = lambda system, phase: records.get((workload, rows, system, phase))  # noqa: E731
-    floor = get("floor", "run")
-    tokens = floor["tokens"] if floor and floor["status"] == "ok" else None
-    floor_s = seconds_of(floor)
-    fa_first, fa_cached = get("fastalign", "first"), get("fastalign", "cached")
-    trl_first, trl_cached = get("trl", "first"), get("trl", "cached")
-    fa_bpt = [b for b in (bytes_per_token(fa_first, tokens), bytes_per_token(fa_cached, tokens)) if b is not None]
-    fa_peak = fa_first["peak_rss"] / GIB if fa_first and fa_first["status"] == "ok" else None
-    first_s, cached_s = seconds_of(fa_first), seconds_of(fa_cached)
-    checks = [
-        None if first_s is None or not floor_s else first_s <= FLOOR_RATIO * floor_s,
-        None if cached_s is None or rows > CACHED_AT_ROWS else cached_s <= CACHED_SECONDS,
-        None if not fa_bpt else max(fa_bpt) <= BYTES_PER_TOKEN,
-        None if fa_peak is None or workload != "sft" or rows < PEAK_AT_ROWS else fa_peak <= PEAK_GIB,
+def per_token(record: dict | None, tokens: int | None, peak: str = "peak_rss") -> float | None:
+    """Bytes of RSS growth over the loaded model and tokenizer, per token of the data set."""
+    return (record[peak] - record["loaded_rss"]) / tokens if ok(record) and tokens else None
+
+
+SYSTEM_COLUMNS = ("first s (x floor)", "cached s", "peak RSS GiB", "B/token first / cached", "B/token by step 1")
+
+
+def system_cells(first: dict | None, cached: dict | None, tokens: int | None, floor_s: float | None) -> list[str]:
+    """The SYSTEM_COLUMNS of one trainer: peak RSS and "by step 1" (the peak once the trainer is
+    made, before ``train()``: the data preparation without the step's activations) of the first run."""
+    return [seconds_cell(first, floor_s), seconds_cell(cached, None),
+            fmt(first["peak_rss"] / GIB if ok(first) else None, ".2f"),
+            " / ".join(fmt(per_token(r, tokens)) for r in (first, cached)),
+            fmt(per_token(first, tokens, "built_peak_rss"))]
+
+
+def checks(workload: str, rows: int, floor_s: float | None, first: dict | None, cached: dict | None,
+           tokens: int | None) -> list[bool | None]:
+    """The issue's acceptance targets for fastalign; None where one does not apply or is not measured."""
+    per_tokens = [b for b in (per_token(first, tokens), per_token(cached, tokens)) if b is not None]
+    return [
+        first["seconds"] <= FLOOR_RATIO * floor_s if ok(first) and floor_s else None,
+        cached["seconds"] <= CACHED_SECONDS if ok(cached) and rows <= CACHED_AT_ROWS else None,
+        max(per_tokens) <= BYTES_PER_TOKEN if per_tokens else None,
+        first["peak_rss"] <= PEAK_GIB * GIB if ok(first) and workload == "sft" and rows >= PEAK_AT_ROWS else None,
     ]
-    cells = [f"{rows:,}", fmt(tokens, ","), fmt(floor_s), cell_seconds(fa_first, floor_s), cell_seconds(fa_cached, None),
-             fmt(fa_peak, ".2f"), " / ".join(fmt(b, ".1f") for b in fa_bpt) or "-",
-             *map(verdict, checks),
-             cell_seconds(trl_first, floor_s), cell_seconds(trl_cached, None),
-             " / ".join(fmt(bytes_per_token(r, tokens), ".1f") for r in (trl_first, trl_cached))]
-    return "| " + " | ".join(cells) + " |"
 
 
-HEADER = ("| rows | tokens | floor s | fastalign first s (x floor) | fastalign cached s | fastalign peak RSS GiB "
-          "| fastalign B/token first / cached "
-          f"| first <= {FLOOR_RATIO}x floor | cached <= {CACHED_SECONDS:.0f} s (<= {CACHED_AT_ROWS:,} rows) "
-          f"| <= {BYTES_PER_TOKEN:.0f} B/token | peak <= {PEAK_GIB:.0f} GiB (SFT {PEAK_AT_ROWS:,}) "
-          "| TRL first s (x floor) | TRL cached s | TRL B/token first / cached |")
+CHECK_COLUMNS = (f"first <= {FLOOR_RATIO}x floor", f"cached <= {CACHED_SECONDS:.0f} s (<= {CACHED_AT_ROWS:,} rows)",
+                 f"<= {BYTES_PER_TOKEN:.0f} B/token", f"SFT {PEAK_AT_ROWS:,}: peak <= {PEAK_GIB:.0f} GiB")
+HEADER = ["rows", "tokens", "floor s", *(f"fastalign {c}" for c in SYSTEM_COLUMNS), *CHECK_COLUMNS,
+          *(f"TRL {c}" for c in SYSTEM_COLUMNS)]
+
+
+def table_row(records: dict, workload: str, rows: int) -> list[str]:
+    def get(system, phase):
+        return records.get((workload, rows, system, phase))
+
+    floor = get("floor", "run")
+    tokens, floor_s = (floor["tokens"], floor["seconds"]) if ok(floor) else (None, None)
+    fastalign, trl = (get(system, "first") for system in ("fastalign", "trl"))
+    fastalign_cached, trl_cached = (get(system, "cached") for system in ("fastalign", "trl"))
+    return [f"{rows:,}", fmt(tokens, ","), fmt(floor_s), *system_cells(fastalign, fastalign_cached, tokens, floor_s),
+            *map(verdict, checks(workload, rows, floor_s, fastalign, fastalign_cached, tokens)),
+            *system_cells(trl, trl_cached, tokens, floor_s)]
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(cells) + " |" for cells in [header, ["---"] * len(header), *rows]]
 
 
 def machine() -> str:
@@ -476,8 +492,8 @@ def write_report(work: Path, loads: tuple) -> Path:
     for workload in ("sft", "dpo"):
         sizes = sorted({rows for (w, rows, _, _) in records if w == workload})
         if sizes:
-            lines += [f"## {workload.upper()}", "", HEADER, "|" + "---|" * HEADER.count(" | ") + "---|",
-                      *(table_row(records, workload, rows) for rows in sizes), ""]
+            lines += [f"## {workload.upper()}", "",
+                      *markdown_table(HEADER, [table_row(records, workload, rows) for rows in sizes]), ""]
     lines += ["## Versions", ""] + sorted({f"- {r['system']}: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items())
                                            + (f"; fastalign {r['fastalign_git']}" if "fastalign_git" in r else "")
                                            for r in records.values() if "versions" in r})
@@ -503,6 +519,7 @@ def parse(argv: list[str]):
     p.add_argument("--work", type=Path, default=DEFAULT_WORK)
     p.add_argument("--trl-max-rows", type=int, default=100_000)
     p.add_argument("--timeout", type=float, default=3600, help="seconds per child run")
+    p.add_argument("--report-only", action="store_true", help="rewrite results.md from results.jsonl, run nothing")
     opts = p.parse_args(argv)
     for name, allowed in (("workloads", {"sft", "dpo"}), ("systems", {"floor", "fastalign", "trl"})):
         if not set(getattr(opts, name)) <= allowed:
@@ -517,6 +534,8 @@ def main(argv: list[str]) -> None:
     opts = parse(argv)
     load_before = os.getloadavg()
     opts.work.mkdir(parents=True, exist_ok=True)
+    if opts.report_only:
+        opts.rows = []
     shared = {"tokenizer": ensure_tokenizer(opts.work), "model": ensure_model(opts.work)}
     for workload in opts.workloads:
         for rows in opts.rows:

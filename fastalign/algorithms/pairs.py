@@ -8,8 +8,7 @@ The weight of a micro-batch is its number of pairs: logged values are means over
 from __future__ import annotations
 
 from fastalign.data import PairEncoder, load_rows
-from fastalign.data.preference import pair_store
-from fastalign.data.store import PAIR_HALVES, TokenStore, tokenize_rows
+from fastalign.data.store import PAIR_HALVES, TokenStore, token_data
 from fastalign.engine import Trainer
 
 
@@ -17,17 +16,13 @@ class PairTrainer(Trainer):
     """A ``Trainer`` whose units are pairs (store rows of a chosen and a rejected half);
     subclasses write ``compute_loss``."""
 
-    def _pairs(self, name, dataset, tokenizer, args) -> TokenStore:
+    def _pairs(self, name, dataset, tokenizer, args):
         encode = PairEncoder(tokenizer, args.max_length, args.max_prompt_length, args.truncation_mode,
                              args.drop_bad_pairs)
-        table = tokenize_rows(load_rows(dataset), encode, PAIR_HALVES, num_proc=args.dataset_num_proc,
-                              desc=f"tokenizing the {name} set")
-        store = pair_store(table)
-        self.reports[name] = store.report
-        longest = int(store.lengths.max(initial=0))
-        if longest > args.max_tokens_per_batch:
-            raise ValueError(f"the {name} set has a pair of {longest} tokens, more than max_tokens_per_batch="
-                             f"{args.max_tokens_per_batch}: raise it to at least 2 x max_length, or lower max_length")
+        store = token_data(load_rows(dataset, streaming=args.streaming and name == "train"), encode, PAIR_HALVES,
+                           num_proc=args.dataset_num_proc, desc=f"tokenizing the {name} set")
+        if isinstance(store, TokenStore):  # a stream is tokenized as it is read
+            self.reports[name] = store.report
         return store
 
     def _datasets(self, args, train_dataset, eval_dataset, tokenizer):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from fastalign.data import SFTEncoder, load_rows
-from fastalign.data.store import SFT_HALVES, TokenStore, tokenize_rows
+from fastalign.data.store import SFT_HALVES, TokenStore, token_data
 from fastalign.engine import TrainingConfig, Trainer
 from fastalign.models import load_model, packed_logprobs, prepare_model
 
@@ -53,13 +53,13 @@ class SFTTrainer(Trainer):
         if args.neftune_noise_alpha:
             model.get_input_embeddings().register_forward_hook(self._neftune_hook)
 
-    def _store(self, name, dataset, tokenizer, args, formatting_func) -> TokenStore:
+    def _store(self, name, dataset, tokenizer, args, formatting_func):
         encode = SFTEncoder(tokenizer, args.dataset_text_field, formatting_func, args.max_length,
                             args.truncation_mode, args.completion_only_loss)
-        table = tokenize_rows(load_rows(dataset), encode, SFT_HALVES, num_proc=args.dataset_num_proc,
-                              desc=f"tokenizing the {name} set")
-        store = TokenStore(table, SFT_HALVES)
-        self.reports[name] = store.report
+        store = token_data(load_rows(dataset, streaming=args.streaming and name == "train"), encode, SFT_HALVES,
+                           num_proc=args.dataset_num_proc, desc=f"tokenizing the {name} set")
+        if isinstance(store, TokenStore):  # a stream is tokenized as it is read
+            self.reports[name] = store.report
         return store
 
     def plan(self, store):

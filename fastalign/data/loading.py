@@ -17,19 +17,20 @@ def _builder(path: Path) -> str | None:
     return _BUILDERS.get(suffixes[-1]) if suffixes else None
 
 
-def load_rows(source, split: str = "train", name: str | None = None):
-    """A ``datasets.Dataset`` (or the list given) of rows from ``source``.
+def load_rows(source, split: str = "train", name: str | None = None, streaming: bool = False):
+    """A ``datasets.Dataset`` (or the list given) of rows from ``source``; with ``streaming`` a
+    ``datasets.IterableDataset`` read as it goes (a data set larger than memory).
 
-    ``source``: a ``Dataset``; a ``DatasetDict`` (``split`` picks one); a list of dicts; a path to
-    a data file or to a folder written by ``save_to_disk`` or holding data files; else a hub name
-    (``name`` is its configuration).
+    ``source``: a ``Dataset`` or ``IterableDataset``; a ``DatasetDict`` (``split`` picks one); a
+    list of dicts; a path to a data file or to a folder written by ``save_to_disk`` or holding data
+    files; else a hub name (``name`` is its configuration).
     """
-    if isinstance(source, datasets.DatasetDict):
+    if isinstance(source, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         if split not in source:
             raise KeyError(f"split {split!r} not in the dataset (it has {sorted(source)})")
         return source[split]
-    if isinstance(source, (datasets.Dataset, list)):
-        return source
+    if isinstance(source, (datasets.Dataset, datasets.IterableDataset, list)):
+        return source.to_iterable_dataset() if streaming and isinstance(source, datasets.Dataset) else source
     if not isinstance(source, (str, Path)):
         raise TypeError(f"cannot read a dataset from a {type(source).__name__}")
     path = Path(source)
@@ -37,11 +38,11 @@ def load_rows(source, split: str = "train", name: str | None = None):
         builder = _builder(path)
         if builder is None:
             raise ValueError(f"{path}: unknown data file type; use .json, .jsonl, .parquet or .csv (optionally .gz)")
-        return datasets.load_dataset(builder, data_files=str(path), split="train")
+        return datasets.load_dataset(builder, data_files=str(path), split="train", streaming=streaming)
     if path.is_dir():
         if (path / "dataset_info.json").exists() or (path / "state.json").exists():
-            return load_rows(datasets.load_from_disk(str(path)), split)
-        return datasets.load_dataset(str(path), name, split=split)
+            return load_rows(datasets.load_from_disk(str(path)), split, streaming=streaming)
+        return datasets.load_dataset(str(path), name, split=split, streaming=streaming)
     if str(source).startswith((".", "/")) or str(source).count("/") > 1:
         raise FileNotFoundError(f"{source}: no such file or folder")
-    return datasets.load_dataset(str(source), name, split=split)
+    return datasets.load_dataset(str(source), name, split=split, streaming=streaming)

@@ -197,7 +197,7 @@ def tokenize_pairs(rows, tokenizer, *, max_length=512, max_prompt_length=128, tr
                    drop_bad_pairs=False) -> tuple[list[Pair], TokenizeReport]:
     """``(pairs, report)`` from any iterable of preference rows, in memory: the small-data form of
     what the trainers read from a token store (``fastalign.data.store``)."""
-    from .store import PAIR_HALVES, TokenStore, tokenize_rows
+    from .store import PAIR_HALVES, pair_store, tokenize_rows
 
     encode = PairEncoder(tokenizer, max_length, max_prompt_length, truncation_mode, drop_bad_pairs)
     store = pair_store(tokenize_rows(rows, encode, PAIR_HALVES))
@@ -209,10 +209,3 @@ def tokenize_pairs(rows, tokenizer, *, max_length=512, max_prompt_length=128, tr
         margin = table.column("margin")[i].as_py()
         pairs.append(Pair(c[:nc], c[nc:], r[:nr], r[nr:], margin))
     return pairs, store.report
-
-
-def pair_store(table):
-    """A ``TokenStore`` of pairs, reported as such."""
-    from .store import PAIR_HALVES, TokenStore
-
-    return TokenStore(table, PAIR_HALVES, unit="pairs", dropped_because="bad pairs")

@@ -81,6 +81,35 @@ def tokenize_rows(rows, encode, halves: tuple[str, ...], *, num_proc: int | None
     return table.data.table
 
 
+def sft_store(table: pa.Table) -> TokenStore:
+    """A ``TokenStore`` of SFT rows."""
+    return TokenStore(table, SFT_HALVES)
+
+
+def pair_store(table: pa.Table) -> TokenStore:
+    """A ``TokenStore`` of preference pairs, reported as such."""
+    return TokenStore(table, PAIR_HALVES, unit="pairs", dropped_because="bad pairs")
+
+
+@dataclass
+class Stream:
+    """A streamed data set and how to tokenize it: read window by window (``StreamBatches``)."""
+
+    rows: datasets.IterableDataset
+    encode: object
+    halves: tuple[str, ...]
+    make_store: object
+
+
+def token_data(rows, encode, halves, *, num_proc: int | None = None, desc: str = "tokenizing"):
+    """``rows`` tokenized by ``encode``: a ``TokenStore``, or for a streamed data set a ``Stream``
+    (tokenized as it is read)."""
+    make_store = pair_store if halves == PAIR_HALVES else sft_store
+    if isinstance(rows, datasets.IterableDataset):
+        return Stream(rows, encode, halves, make_store)
+    return make_store(tokenize_rows(rows, encode, halves, num_proc=num_proc, desc=desc))
+
+
 class _RowBatches:
     """``datasets.map``'s batch (a dict of columns) as the list of row dicts ``encode`` takes."""
 
@@ -88,9 +117,13 @@ class _RowBatches:
         self.encode = encode
 
     def __call__(self, batch: dict, indices: list[int]) -> dict:
-        keys = list(batch)
-        rows = [dict(zip(keys, values)) for values in zip(*(batch[k] for k in keys))]
-        return self.encode(rows, indices)
+        return self.encode(_rows_of(batch), indices)
+
+
+def _rows_of(batch: dict) -> list[dict]:
+    """A batch of columns as the list of its rows."""
+    keys = list(batch)
+    return [dict(zip(keys, values)) for values in zip(*(batch[k] for k in keys))]
 
 
 class _ListColumn:
@@ -192,3 +225,83 @@ class Batches:
     def weight(self, k: int) -> float:
         """What micro-batch ``k`` counts in a step's mean (its loss tokens, or its pairs)."""
         return float(self.store.weights[self.plan[k]].sum())
+
+
+class StreamBatches:
+    """Micro-batches of a streamed data set (``datasets.IterableDataset``), for data larger than
+    memory: rows are read and tokenized ``window`` at a time, each window planned and packed like
+    an epoch of its own (its micro-batches shuffled from the seed), so memory holds one window.
+
+    ``take(n)`` hands out the next ``n`` micro-batches as running indices that ``self[k]`` builds
+    and ``weight(k)`` weighs, the same on every process (each builds only its share). When the
+    stream ends, the next epoch reads it again. ``state()`` is the position (epoch, first row of
+    the current window, its micro-batches taken): what a checkpoint keeps. ``load_state`` goes back
+    there by skipping rows, not tokenizing them.
+    """
+
+    def __init__(self, rows, encode, halves, make_store, plan, window: int, seed: int | None):
+        self.rows, self.encode, self.schema = rows, encode, features(halves).arrow_schema
+        self.make_store, self.plan_of, self.window_rows, self.seed = make_store, plan, window, seed
+        self.epoch, self.start, self.used = 0, 0, 0  # the position: see state()
+        self.window: Batches | None = None
+        self.window_len = 0  # rows in the current window
+        self.order: list[int] = []
+        self.live: dict[int, tuple[Batches, int]] = {}  # the micro-batches of the step at hand
+        self.taken = 0
+        self._reader = None
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "start": self.start, "used": self.used}
+
+    def load_state(self, state: dict) -> None:
+        self.epoch, self.start, self._reader = state["epoch"], state["start"], None
+        self._read_window()
+        self.used = state["used"]
+
+    def _read_window(self) -> None:
+        """The window of rows from ``self.start`` on (the next one that keeps at least one unit)."""
+        while True:
+            if self._reader is None:
+                self._reader = iter(self.rows.skip(self.start).iter(batch_size=self.window_rows))
+            batch = next(self._reader, None)
+            if batch is None:  # the stream is over: the next epoch reads it again
+                if self.start == 0:
+                    raise ValueError("the streamed training set is empty")
+                self.epoch, self.start, self._reader = self.epoch + 1, 0, None
+                continue
+            rows = _rows_of(batch)
+            store = self.make_store(pa.table(self.encode(rows, list(range(self.start, self.start + len(rows)))),
+                                             schema=self.schema))
+            self.window_len = len(rows)
+            if len(store.kept):
+                self.window, self.used = Batches(store, self.plan_of(store)), 0
+                self.order = list(range(len(self.window)))
+                if self.seed is not None:
+                    rng = np.random.default_rng([self.seed, self.epoch, self.start])
+                    self.order = rng.permutation(len(self.window)).tolist()
+                return
+            self.start += len(rows)
+
+    def take(self, n: int) -> list[int]:
+        """The next ``n`` micro-batches (running indices); the previous step's are let go."""
+        self.live = {}
+        out = []
+        for _ in range(n):
+            if self.window is None:
+                self._read_window()
+            elif self.used == len(self.window):
+                self.start += self.window_len
+                self._read_window()
+            self.live[self.taken] = (self.window, self.order[self.used])
+            out.append(self.taken)
+            self.taken += 1
+            self.used += 1
+        return out
+
+    def __getitem__(self, k: int):
+        window, i = self.live[k]
+        return window[i]
+
+    def weight(self, k: int) -> float:
+        window, i = self.live[k]
+        return window.weight(i)

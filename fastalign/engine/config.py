@@ -37,6 +37,10 @@ class TrainingConfig:
     shuffle: bool = True
     # Data: tokenizing processes (None: every core for a large data set, one for a small one).
     dataset_num_proc: int | None = None
+    # A data set larger than memory: read it as a stream (a path or hub name given as the data set,
+    # or a datasets.IterableDataset), tokenized and packed stream_window_rows rows at a time.
+    streaming: bool = False
+    stream_window_rows: int = 1024
     # Precision and memory.
     bf16: bool = False
     gradient_checkpointing: bool = False
@@ -67,6 +71,7 @@ class TrainingConfig:
             "warmup_ratio": 0.0 <= self.warmup_ratio <= 1.0,
             "logging_steps": self.logging_steps >= 1,
             "dataset_num_proc": self.dataset_num_proc is None or self.dataset_num_proc >= 1,
+            "stream_window_rows": self.stream_window_rows >= 1,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:

@@ -29,7 +29,7 @@ import torch
 from transformers import set_seed
 
 from fastalign.data import PackedBatch, plan_batches
-from fastalign.data.store import Batches, TokenStore
+from fastalign.data.store import Batches, Stream, StreamBatches, TokenStore
 
 from . import checkpoint as ckpt
 from . import distributed
@@ -141,9 +141,14 @@ class LossPasses(Checkpointing):
 
 
 class Trainer(LossPasses):
-    def __init__(self, model, args: TrainingConfig, train_data: TokenStore, eval_data: TokenStore | None = None,
-                 tokenizer=None, optimizers=(None, None)):
-        if len(train_data.kept) == 0:
+    def __init__(self, model, args: TrainingConfig, train_data: TokenStore | Stream,
+                 eval_data: TokenStore | None = None, tokenizer=None, optimizers=(None, None)):
+        self.streamed = isinstance(train_data, Stream)
+        if self.streamed and args.max_steps <= 0:
+            raise ValueError("a streamed training set has no known length: set max_steps")
+        if isinstance(eval_data, Stream):
+            raise ValueError("the evaluation set cannot be streamed: give a Dataset, a list or a file")
+        if not self.streamed and len(train_data.kept) == 0:
             raise ValueError("the training set is empty (after tokenization and truncation)")
         self.args = args
         self.tokenizer = tokenizer
@@ -151,7 +156,7 @@ class Trainer(LossPasses):
         self.eval_batches = self.make_batches(eval_data) if eval_data is not None and len(eval_data.kept) else []
         self.world_size = distributed.world_size()
         self.group_size = args.gradient_accumulation_steps * self.world_size
-        self.steps_per_epoch = math.ceil(len(self.train_batches) / self.group_size)
+        self.steps_per_epoch = None if self.streamed else math.ceil(len(self.train_batches) / self.group_size)
         self.num_training_steps = args.max_steps if args.max_steps > 0 else args.num_train_epochs * self.steps_per_epoch
         self.engine = Engine(model, args, self.num_training_steps, *optimizers)
         self.model = model
@@ -162,16 +167,35 @@ class Trainer(LossPasses):
     def plan(self, store: TokenStore) -> list[list[int]]:
         """The micro-batches of an epoch as lists of units (store rows): best-fit decreasing into
         ``max_tokens_per_batch``, from the lengths alone."""
-        kept = store.kept
-        return [kept[b].tolist() for b in plan_batches(store.lengths[kept], self.args.max_tokens_per_batch)]
+        kept, budget = store.kept, self.args.max_tokens_per_batch
+        lengths = store.lengths[kept]
+        if len(lengths) and lengths.max() > budget:
+            row = int(kept[lengths.argmax()])
+            both = " (its two halves)" if len(store.halves) == 2 else ""
+            raise ValueError(f"row {row} has {int(lengths.max())} tokens{both}, more than max_tokens_per_batch="
+                             f"{budget}: raise it{' to at least 2 x max_length' if both else ''}, or lower max_length")
+        return [kept[b].tolist() for b in plan_batches(lengths, budget)]
 
-    def make_batches(self, store: TokenStore) -> Batches:
-        return Batches(store, self.plan(store))
+    def make_batches(self, data: TokenStore | Stream) -> Batches | StreamBatches:
+        if isinstance(data, Stream):
+            return StreamBatches(data.rows, data.encode, data.halves, data.make_store, self.plan,
+                                 self.args.stream_window_rows, self.args.seed if self.args.shuffle else None)
+        return Batches(data, self.plan(data))
+
+    def extra_state(self) -> dict:
+        return {"stream": self.train_batches.state()} if self.streamed else {}
+
+    def load_extra_state(self, state: dict) -> None:
+        if self.streamed:
+            self.train_batches.load_state(state["stream"])
 
     # ---- the loop ------------------------------------------------------------------------------
     def step_plan(self, step: int) -> list[int]:
         """The micro-batches (indices into ``train_batches``) of optimizer step ``step``, all
-        processes' together; every epoch has its own order, from the seed."""
+        processes' together; every epoch has its own order, from the seed. A stream's are its next
+        ones (call once per step, in order)."""
+        if self.streamed:
+            return self.train_batches.take(self.group_size)
         epoch, k = divmod(step, self.steps_per_epoch)
         order = range(len(self.train_batches))
         if self.args.shuffle:
@@ -245,7 +269,8 @@ class Trainer(LossPasses):
                 metrics = self._run_step(self.step_plan(step))
                 metrics["grad_norm"] = self.engine.step()
                 seconds = time.perf_counter() - t0
-                metrics.update(lr=lr, epoch=(step + 1) / self.steps_per_epoch, seconds_per_step=seconds,
+                epoch = self.train_batches.epoch if self.streamed else (step + 1) / self.steps_per_epoch
+                metrics.update(lr=lr, epoch=epoch, seconds_per_step=seconds,
                                tokens_per_s=metrics["num_tokens"] / seconds, peak_memory_gb=peak_memory_gb(self.engine.device))
                 self.global_step = done = step + 1
                 losses.append(metrics["loss"])

@@ -2,6 +2,7 @@
 #   make test    create or reuse .venv, install, run the test suite
 #   make bench   run the kernel benchmarks and write benchmarks/out/results.md
 #   make bench-peers  fastalign against TRL end to end (DPO, reward, SFT); makes the peer venv first
+#   make bench-data   data preparation to the first step: fastalign, TRL and the tokenizer floor (issue 16)
 #   make gpu-wheels  what travels to a GPU machine without a package index (benchmarks/gpu_session.sh)
 #   make demo    the embedded demo: a tiny model learns to sort digits, then DDPO, on this CPU (runs/demo)
 PYTHON ?= python3
@@ -17,7 +18,7 @@ PYTEST_ARGS ?=
 # the demo model took 0.96 s with 2 spinning threads and 0.016 s with passive ones (2026-11-21).
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install test bench bench-peers gpu-wheels demo clean
+.PHONY: install test bench bench-peers bench-data gpu-wheels demo clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +65,15 @@ $(PEERS_STAMP):
 # PEERS_ARGS="--quick --chart benchmarks/out/vs_trl/quick.png".
 bench-peers: install $(PEERS_STAMP)
 	$(PY) -m benchmarks.peers --peer-python $(PEERS_PY) --chart benchmarks/vs_trl.png $(PEERS_ARGS)
+
+# Data preparation to the first step (benchmarks/data_prep.py): SFT rows and DPO pairs at 10k, 100k and
+# 1M rows, fastalign and TRL (peer venv, up to 100k rows) against the tokenizer's own batched encoding,
+# first and cached runs, time and peak RSS per token. The workload is made once in
+# benchmarks/out/data_prep/ (ignored), which gets results.jsonl and results.md. The full run takes hours
+# on 2 cores; a smoke run: DATA_PREP_ARGS="--rows 10000".
+DATA_PREP_ARGS ?=
+bench-data: install $(PEERS_STAMP)
+	$(PY) -m benchmarks.data_prep $(DATA_PREP_ARGS)
 
 # For a GPU machine with no package index (benchmarks/gpu_session.sh runs there): the pure-Python
 # packages it may lack, as wheels for Python 3.12 in .whl/, and the HH-RLHF pairs in .gpu/ (both

@@ -120,7 +120,8 @@ class Prose:
         return {"text": f"\n\nHuman: {self.turn(18, 44)}\n\nAssistant: {self.turn(45, 112)}"}
 
     def dpo(self) -> dict:
-        prompt = f"\n\nHuman: {self.turn(10, 36)}\n\nAssistant: {self.turn(18, 46)}\n\nHuman: {self.turn(5, 22)}\n\nAssistant:"
+        prompt = (f"\n\nHuman: {self.turn(10, 36)}\n\nAssistant: {self.turn(18, 46)}"
+                  f"\n\nHuman: {self.turn(5, 22)}\n\nAssistant:")
         return {"prompt": prompt, "chosen": " " + self.turn(25, 50), "rejected": " " + self.turn(25, 50)}
 
 
@@ -192,6 +193,13 @@ def texts_of(row: dict, workload: str) -> list[str]:
     return [row["prompt"] + row["chosen"], row["prompt"] + row["rejected"]]
 
 
+def versions(system: str) -> dict:
+    from importlib.metadata import version
+
+    return {name: version(name) for name in ("torch", "transformers", "datasets", "tokenizers")
+            + (("trl",) if system == "trl" else ())}
+
+
 def run_floor(spec: dict) -> dict:
     from transformers import AutoTokenizer
 
@@ -246,20 +254,14 @@ def trl_trainer(spec: dict, model, tokenizer):
     return DPOTrainer(model, args=args, train_dataset=dataset, processing_class=tokenizer), took
 
 
-def versions(system: str) -> dict:
-    names = ["torch", "transformers", "datasets", "tokenizers"] + (["trl"] if system == "trl" else [])
-    from importlib.metadata import version
-
-    return {name: version(name) for name in names}
-
-
 def run_trainer(spec: dict) -> dict:
     build = {"fastalign": fastalign_trainer, "trl": trl_trainer}[spec["system"]]
     if spec["system"] == "fastalign":
         import fastalign.algorithms.dpo  # noqa: F401
         import fastalign.algorithms.sft  # noqa: F401
-    else:
-        import trl  # noqa: F401
+    else:  # trl imports lazily: its trainers now, so that the import is timed as fastalign's is
+        import datasets  # noqa: F401
+        from trl import DPOTrainer, SFTTrainer  # noqa: F401
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     imported = time.perf_counter()
@@ -274,7 +276,8 @@ def run_trainer(spec: dict) -> dict:
     return {
         "seconds": done - T0, "import_seconds": imported - T0, "load_seconds": loaded - imported,
         "prepare_seconds": built - loaded, "train_seconds": done - built,
-        "loaded_rss": loaded_rss, "built_rss": built_rss, "built_peak_rss": built_peak_rss, "peak_rss": peak_rss_bytes(),
+        "loaded_rss": loaded_rss, "built_rss": built_rss, "built_peak_rss": built_peak_rss,
+        "peak_rss": peak_rss_bytes(),
         "end_rss": rss_bytes(), "children_peak_rss": children.ru_maxrss * 1024,
         "cpu_seconds": time.process_time(), "children_cpu_seconds": children.ru_utime + children.ru_stime,
         "global_step": getattr(getattr(trainer, "state", trainer), "global_step", None),  # TRL's / fastalign's
@@ -426,13 +429,16 @@ def per_token(record: dict | None, tokens: int | None, peak: str = "peak_rss") -
     return (record[peak] - record["loaded_rss"]) / tokens if ok(record) and tokens else None
 
 
-SYSTEM_COLUMNS = ("first s (x floor)", "cached s", "peak RSS GiB", "B/token first / cached", "B/token by step 1")
+SYSTEM_COLUMNS = ("first s (x floor)", "cached s", "prepare s first / cached", "peak RSS GiB", "B/token first / cached",
+                  "B/token by step 1")
 
 
 def system_cells(first: dict | None, cached: dict | None, tokens: int | None, floor_s: float | None) -> list[str]:
-    """The SYSTEM_COLUMNS of one trainer: peak RSS and "by step 1" (the peak once the trainer is
-    made, before ``train()``: the data preparation without the step's activations) of the first run."""
+    """The SYSTEM_COLUMNS of one trainer. Prepare: making the trainer (the data preparation, without
+    imports, model load or the step). Peak RSS and "by step 1" (the peak once the trainer is made,
+    before ``train()``: without the step's activations and optimizer state) of the first run."""
     return [seconds_cell(first, floor_s), seconds_cell(cached, None),
+            " / ".join(fmt(r["prepare_seconds"] if ok(r) else None) for r in (first, cached)),
             fmt(first["peak_rss"] / GIB if ok(first) else None, ".2f"),
             " / ".join(fmt(per_token(r, tokens)) for r in (first, cached)),
             fmt(per_token(first, tokens, "built_peak_rss"))]
@@ -479,31 +485,38 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
-def write_report(work: Path, loads: tuple) -> Path:
-    records = latest(work)
+NOTES = [
+    "Seconds: floor = the tokenizer calls only (no start, imports or file reading); trainers = child start "
+    "(before any import) to the end of `trainer.train()` (one optimizer step), prepare = making the trainer. "
+    "(x floor): over the floor's seconds.",
+    "B/token = (peak RSS - RSS with model and tokenizer loaded) / the floor's tokens; \"by step 1\" takes the peak "
+    "once the trainer is made, before `train()`. At small sizes the step's own fixed memory (optimizer state, "
+    "activations, logits) dominates the first figure.",
+    "A failed or timed-out run shows its status; logs/ in the work folder has its output.",
+]
+
+
+def write_report(work: Path) -> Path:
+    """results.md from the latest record of each run in results.jsonl."""
+    by_run = latest(work)
+    records = by_run.values()
+    dates = sorted(r["date"] for r in records) or ["-"]
+    loads = sorted(load[0] for r in records for load in (r["loadavg_before"], r["loadavg_after"])) or [0.0]
     lines = ["# Data preparation to the first step (benchmarks/data_prep.py)", "",
-             f"Machine: {machine()}. Load average (1, 5, 15 min) before: {fmt_load(loads[0])}; after: {fmt_load(loads[1])}.",
-             f"Written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from the latest record of each run in results.jsonl "
-             f"(dates {min((r['date'] for r in records.values()), default='-')} .. "
-             f"{max((r['date'] for r in records.values()), default='-')}).", "",
-             "Seconds: floor = the tokenizer calls only; trainers = child start (before imports) to the end of "
-             "`trainer.train()` (one step). B/token = (peak RSS - RSS with model and tokenizer loaded) / the floor's "
-             "tokens. A failed or timed-out run shows its status; logs/ has its output.", ""]
+             f"Machine: {machine()}. Runs from {dates[0]} to {dates[-1]} (UTC); 1-minute load average "
+             f"{loads[0]:.2f} to {loads[-1]:.2f} around them (each record in results.jsonl has its own).", "",
+             *NOTES, ""]
     for workload in ("sft", "dpo"):
-        sizes = sorted({rows for (w, rows, _, _) in records if w == workload})
+        sizes = sorted({r["rows"] for r in records if r["workload"] == workload})
         if sizes:
             lines += [f"## {workload.upper()}", "",
-                      *markdown_table(HEADER, [table_row(records, workload, rows) for rows in sizes]), ""]
-    lines += ["## Versions", ""] + sorted({f"- {r['system']}: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items())
-                                           + (f"; fastalign {r['fastalign_git']}" if "fastalign_git" in r else "")
-                                           for r in records.values() if "versions" in r})
+                      *markdown_table(HEADER, [table_row(by_run, workload, rows) for rows in sizes]), ""]
+    lines += ["## Versions", "", *sorted({f"- {r['system']}: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items())
+                                          + (f"; fastalign {r['fastalign_git']}" if "fastalign_git" in r else "")
+                                          for r in records if "versions" in r})]
     out = work / "results.md"
     out.write_text("\n".join(lines) + "\n")
     return out
-
-
-def fmt_load(load) -> str:
-    return ", ".join(f"{x:.2f}" for x in load)
 
 
 # ---- the command line --------------------------------------------------------------------------
@@ -532,16 +545,14 @@ def main(argv: list[str]) -> None:
     if argv[:1] == ["_child"]:
         return child(argv[1])
     opts = parse(argv)
-    load_before = os.getloadavg()
     opts.work.mkdir(parents=True, exist_ok=True)
-    if opts.report_only:
-        opts.rows = []
-    shared = {"tokenizer": ensure_tokenizer(opts.work), "model": ensure_model(opts.work)}
-    for workload in opts.workloads:
-        for rows in opts.rows:
-            run_workload(opts, dict(shared, data=ensure_data(opts.work, workload, rows)), workload, rows)
-    report = write_report(opts.work, (load_before, os.getloadavg()))
-    log(f"wrote {report} and {opts.work / 'results.jsonl'}")
+    if not opts.report_only:
+        shared = {"tokenizer": ensure_tokenizer(opts.work), "model": ensure_model(opts.work)}
+        for workload in opts.workloads:
+            for rows in opts.rows:
+                run_workload(opts, dict(shared, data=ensure_data(opts.work, workload, rows)), workload, rows)
+    report = write_report(opts.work)
+    log(f"wrote {report}")
 
 
 if __name__ == "__main__":

@@ -173,7 +173,8 @@ def train(algo: str, config_path: str | None, overrides: list[str]) -> dict:
     if run.get("ref_model_name_or_path"):
         extra["ref_model"] = load_model(run["ref_model_name_or_path"], **model_kwargs)[0]
     source = run["dataset_name"]
-    train_rows = load_rows(source, run.get("dataset_train_split", "train"), run.get("dataset_config"))
+    train_rows = load_rows(source, run.get("dataset_train_split", "train"), run.get("dataset_config"),
+                           streaming=bool(getattr(config, "streaming", False)))
     if algo == "ppo":
         return _train_ppo(config, run, model, tokenizer, train_rows, extra)
     test_split = run.get("dataset_test_split")

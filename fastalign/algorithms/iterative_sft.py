@@ -84,7 +84,7 @@ import torch
 from transformers import get_scheduler, set_seed
 
 from fastalign.data import IGNORE_INDEX, PackedBatch, Sequence, pack, plan_batches
-from fastalign.data.formats import _ids, _with_eos, check_truncation, kept_part
+from fastalign.data.formats import Texts, _with_eos, check_truncation, kept_part
 from fastalign.engine import Engine, TrainingConfig, distributed
 from fastalign.engine.engine import adamw
 from fastalign.engine.metrics import MetricsLogger
@@ -188,10 +188,14 @@ class IterativeSFTTrainer(LossPasses):
         completions = None
         if texts_labels is not None:
             completions = _strings("texts_labels", texts_labels, allow_empty=True, count=len(texts))
+        batch = Texts()  # every text in one tokenizer call per kind
+        slots = [(batch.add(text, True), batch.add(completions[i], False) if completions and completions[i] else None)
+                 for i, text in enumerate(texts)]
+        batch.encode(self.tokenizer)
         rows = []
-        for i, text in enumerate(texts):
-            prompt = _ids(self.tokenizer, text, special=True)
-            completion = _ids(self.tokenizer, completions[i], special=False) if completions and completions[i] else []
+        for i, (prompt_slot, completion_slot) in enumerate(slots):
+            prompt = batch[prompt_slot]
+            completion = batch[completion_slot] if completion_slot is not None else []
             ids = _with_eos(self.tokenizer, prompt + completion)
             target = ids if completions is None else [IGNORE_INDEX] * len(prompt) + ids[len(prompt):]
             rows.append(_Row(i, ids, target))

@@ -39,11 +39,14 @@ import re
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
+import datasets
 import torch
 from transformers import set_seed
 
-from fastalign.data import IGNORE_INDEX, Sequence, pack, plan_batches
+from fastalign.data import IGNORE_INDEX, Sequence, load_rows, pack, plan_batches
+from fastalign.data.prompts import tokenize_prompts
 from fastalign.engine import Engine, TrainingConfig, distributed
 from fastalign.engine.engine import adamw, planned_zero_stage
 from fastalign.engine.metrics import MetricsLogger
@@ -252,17 +255,6 @@ SCALAR_ARRAYS = ("objective/kl_dist", "tokens/queries_dist", "tokens/responses_d
                  "ppo/policy/ratio", "env/reward_dist")
 
 
-ASSISTANT = "\n\nAssistant:"
-
-
-def _dialogue_prompt(dialogue: str, i: int) -> str:
-    """An HH-RLHF-style dialogue up to and including its last ``Assistant:`` marker."""
-    cut = dialogue.rfind(ASSISTANT)
-    if cut < 0:
-        raise ValueError(f"dataset row {i}, column 'chosen': no {ASSISTANT!r} turn to take the prompt from")
-    return dialogue[:cut + len(ASSISTANT)]
-
-
 def _dict_of_lists(rows):
     return {key: [row[key] for row in rows] for key in rows[0]}
 
@@ -356,30 +348,13 @@ class PPOTrainer(Checkpointing):
         self.global_step = value
 
     # ---- data ----------------------------------------------------------------------------------
-    def _prepare_dataset(self, dataset) -> list[dict]:
-        """Rows with ``query`` (text) and ``input_ids`` (the query's tokens), from rows holding either."""
-        rows = []
-        for i, row in enumerate(dataset):
-            if not isinstance(row, dict):
-                raise ValueError(f"dataset row {i}: expected a mapping with 'query', 'prompt' or 'input_ids', got {type(row).__name__}")
-            row = dict(row)
-            text = row.get("query", row.get("prompt"))
-            if text is None and "input_ids" not in row and isinstance(row.get("chosen"), str):
-                text = _dialogue_prompt(row["chosen"], i)  # a preference row: its prompt
-            if text is not None and not isinstance(text, str):
-                raise ValueError(f"dataset row {i}, column 'query'/'prompt': expected text, got {type(text).__name__}")
-            ids = row.get("input_ids")
-            if ids is None:
-                if not text:
-                    raise ValueError(f"dataset row {i}: no 'query' or 'prompt' text and no 'input_ids'")
-                ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
-            ids = torch.as_tensor(ids, dtype=torch.long).flatten()
-            if ids.numel() == 0:
-                raise ValueError(f"dataset row {i}, column 'input_ids': the query has no tokens")
-            row["input_ids"] = ids
-            row["query"] = text if text is not None else self.tokenizer.decode(ids, skip_special_tokens=True)
-            rows.append(row)
-        return rows
+    def _prepare_dataset(self, dataset):
+        """Rows with ``query`` (text) and ``input_ids`` (the query's tokens), from rows holding either
+        (``fastalign.data.prompts``: a ``datasets.Dataset`` is tokenized once, cached)."""
+        if self.config.streaming or isinstance(dataset, datasets.IterableDataset):
+            raise ValueError("PPO samples its prompts from a data set it can index: streaming is for sft, reward and dpo")
+        return tokenize_prompts(load_rows(dataset) if isinstance(dataset, (str, Path)) else dataset, self.tokenizer,
+                                self.config.dataset_num_proc)
 
     def _dataloader(self):
         from torch.utils.data import DataLoader, DistributedSampler

@@ -74,7 +74,7 @@ def tokenize_rows(rows, encode, halves: tuple[str, ...], *, num_proc: int | None
     num_proc = default_num_proc(len(rows)) if num_proc is None else num_proc
     with distributed.local_main_first():
         table = rows.map(
-            _RowBatches(encode), batched=True, with_indices=True, remove_columns=rows.column_names,
+            RowBatches(encode), batched=True, with_indices=True, remove_columns=rows.column_names,
             features=features(halves), num_proc=num_proc if num_proc > 1 and len(rows) >= 2 * num_proc else None,
             desc=desc,
         )
@@ -110,7 +110,7 @@ def token_data(rows, encode, halves, *, num_proc: int | None = None, desc: str =
     return make_store(tokenize_rows(rows, encode, halves, num_proc=num_proc, desc=desc))
 
 
-class _RowBatches:
+class RowBatches:
     """``datasets.map``'s batch (a dict of columns) as the list of row dicts ``encode`` takes."""
 
     def __init__(self, encode):

@@ -14,9 +14,11 @@ from fastalign.engine import checkpoint as ckpt
 from fastalign.engine.metrics import read_metrics
 from fastalign.models.tiny import tiny_model
 
-# The run a test kills: a tiny SFT run, slowed to ~0.3 s per step so the kill lands mid-run.
+# The run a test kills: a tiny SFT run, slowed to ~0.3 s per step so the kill lands mid-run. With
+# "stream", the rows are read from a file as a stream, 9 rows a window (several windows a run).
 RUN = """
-import sys, time
+import json, sys, time
+from pathlib import Path
 from fastalign.algorithms import SFTConfig, SFTTrainer
 from fastalign.models.tiny import char_tokenizer, tiny_model
 
@@ -26,23 +28,29 @@ class Slow(SFTTrainer):
         return super().compute_loss(batch)
 
 rows = [{"prompt": f"{a} {b}=", "completion": str(a * b)} for a in range(7) for b in range(6)]
+stream = sys.argv[4] == "stream"
+if stream:
+    path = Path(sys.argv[1]).with_suffix(".jsonl")
+    path.write_text("".join(json.dumps(r) + "\\n" for r in rows))
+    rows = str(path)
 args = SFTConfig(output_dir=sys.argv[1], learning_rate=1e-2, max_steps=10, max_tokens_per_batch=64, save_steps=2,
                  save_total_limit=None, disable_tqdm=True, seed=0, neftune_noise_alpha=5.0,
-                 resume_from_checkpoint=sys.argv[2] == "resume" or None)
+                 resume_from_checkpoint=sys.argv[2] == "resume" or None, streaming=stream, stream_window_rows=9)
 Slow(tiny_model("llama", hidden_size=32, layers=1, heads=2, seed=1), args=args, train_dataset=rows,
      tokenizer=char_tokenizer()).train()
 """
 
 
-def run(out: Path, mode: str, delay: float, **popen):
-    return subprocess.Popen([sys.executable, "-c", RUN, str(out), mode, str(delay)], **popen)
+def run(out: Path, mode: str, delay: float, data: str = "list", **popen):
+    return subprocess.Popen([sys.executable, "-c", RUN, str(out), mode, str(delay), data], **popen)
 
 
-def test_killed_run_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("data", ["list", "stream"])
+def test_killed_run_resumes_exactly(tmp_path, data):
     whole = tmp_path / "whole"
-    assert run(whole, "fresh", 0.0).wait(timeout=300) == 0
+    assert run(whole, "fresh", 0.0, data).wait(timeout=300) == 0
     killed = tmp_path / "killed"
-    proc = run(killed, "fresh", 0.3)
+    proc = run(killed, "fresh", 0.3, data)
     deadline = time.time() + 300
     while not (killed / "checkpoint-4").exists():  # killed after step 4's checkpoint, mid-run
         assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
@@ -51,7 +59,7 @@ def test_killed_run_resumes_exactly(tmp_path):
     proc.wait()
     done = [r["step"] for r in read_metrics(killed) if "loss" in r]
     assert done[-1] < 10, "the kill landed after the run finished"
-    assert run(killed, "resume", 0.0).wait(timeout=300) == 0
+    assert run(killed, "resume", 0.0, data).wait(timeout=300) == 0
     want = [(r["step"], r["loss"]) for r in read_metrics(whole) if "loss" in r]
     got = [(r["step"], r["loss"]) for r in read_metrics(killed) if "loss" in r]
     assert [s for s, _ in got] == list(range(1, 11))  # records past the checkpoint were dropped, then redone

@@ -20,7 +20,7 @@ class PairTrainer(Trainer):
         encode = PairEncoder(tokenizer, args.max_length, args.max_prompt_length, args.truncation_mode,
                              args.drop_bad_pairs)
         store = token_data(load_rows(dataset, streaming=args.streaming and name == "train"), encode, PAIR_HALVES,
-                           num_proc=args.dataset_num_proc, desc=f"tokenizing the {name} set")
+                           num_proc=args.dataset_num_proc, desc=f"tokenizing the {name} set", progress=not args.disable_tqdm)
         if isinstance(store, TokenStore):  # a stream is tokenized as it is read
             self.reports[name] = store.report
         return store

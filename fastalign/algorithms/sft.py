@@ -57,7 +57,7 @@ class SFTTrainer(Trainer):
         encode = SFTEncoder(tokenizer, args.dataset_text_field, formatting_func, args.max_length,
                             args.truncation_mode, args.completion_only_loss)
         store = token_data(load_rows(dataset, streaming=args.streaming and name == "train"), encode, SFT_HALVES,
-                           num_proc=args.dataset_num_proc, desc=f"tokenizing the {name} set")
+                           num_proc=args.dataset_num_proc, desc=f"tokenizing the {name} set", progress=not args.disable_tqdm)
         if isinstance(store, TokenStore):  # a stream is tokenized as it is read
             self.reports[name] = store.report
         return store

@@ -151,7 +151,7 @@ class PairEncoder:
                 raise ValueError(f"max_prompt_length must be in [1, max_length={self.max_length}), got "
                                  f"{self.max_prompt_length}: the completions need room")
 
-    def _pair(self, i, prompt_c, chosen, prompt_r, rejected):
+    def _pair(self, prompt_c, chosen, prompt_r, rejected):
         """The pair after truncation, whether it was cut, and what is wrong with it (or None)."""
         truncated = False
         if prompt_c + chosen == prompt_r + rejected:
@@ -178,7 +178,7 @@ class PairEncoder:
                                "rejected_mask", "truncated", "loss", "margin")}
         for i, ((kind, what), margin) in zip(indices, parsed):
             (prompt_c, chosen, prompt_r, rejected), truncated, problem = self._pair(
-                i, *_split(self.tokenizer, kind, what, texts))
+                *_split(self.tokenizer, kind, what, texts))
             if problem is not None:
                 if not self.drop_bad_pairs:
                     raise ValueError(f"row {i}: {problem} (drop_bad_pairs=True drops such rows and counts them)")
@@ -200,12 +200,10 @@ def tokenize_pairs(rows, tokenizer, *, max_length=512, max_prompt_length=128, tr
     from .store import PAIR_HALVES, pair_store, tokenize_rows
 
     encode = PairEncoder(tokenizer, max_length, max_prompt_length, truncation_mode, drop_bad_pairs)
-    store = pair_store(tokenize_rows(rows, encode, PAIR_HALVES))
-    table = store.table
+    table = tokenize_rows(rows, encode, PAIR_HALVES)
+    store, margins = pair_store(table), table.column("margin").to_pylist()
     pairs = []
     for i in store.kept.tolist():
-        (c, nc), (r, nr) = [(table.column(f"{h}ids")[i].as_py(), table.column(f"{h}prompt")[i].as_py())
-                            for h in PAIR_HALVES]
-        margin = table.column("margin")[i].as_py()
-        pairs.append(Pair(c[:nc], c[nc:], r[:nr], r[nr:], margin))
+        (c, nc), (r, nr) = [(h.ids[i].tolist(), int(h.prompt[i])) for h in store.halves]
+        pairs.append(Pair(c[:nc], c[nc:], r[:nr], r[nr:], margins[i]))
     return pairs, store.report

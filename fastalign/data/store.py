@@ -26,6 +26,7 @@ file until a packed batch reads their pages.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -59,11 +60,13 @@ def default_num_proc(rows: int) -> int:
     return 1 if rows < PARALLEL_MIN_ROWS else max(1, min(8, len(os.sched_getaffinity(0))))
 
 
-def tokenize_rows(rows, encode, halves: tuple[str, ...], *, num_proc: int | None = None, desc: str = "tokenizing"):
+def tokenize_rows(rows, encode, halves: tuple[str, ...], *, num_proc: int | None = None, desc: str = "tokenizing",
+                  progress: bool = True):
     """The token table of ``rows`` (a ``datasets.Dataset`` or a list of row dicts).
 
     ``encode(rows: list[dict], indices: list[int]) -> dict of columns`` tokenizes a batch of rows;
     it must be picklable (it runs in worker processes) and deterministic (its hash keys the cache).
+    ``progress``: ``datasets``' progress bar while it tokenizes.
     """
     if not isinstance(rows, datasets.Dataset):  # a list of rows: one call, in memory
         rows = list(rows)
@@ -72,7 +75,7 @@ def tokenize_rows(rows, encode, halves: tuple[str, ...], *, num_proc: int | None
     from fastalign.engine import distributed  # not at the top: the engine imports fastalign.data
 
     num_proc = default_num_proc(len(rows)) if num_proc is None else num_proc
-    with distributed.local_main_first():
+    with distributed.local_main_first(), _progress_bars(progress):
         table = rows.map(
             RowBatches(encode), batched=True, with_indices=True, remove_columns=rows.column_names,
             features=features(halves), num_proc=num_proc if num_proc > 1 and len(rows) >= 2 * num_proc else None,
@@ -101,13 +104,26 @@ class Stream:
     make_store: object
 
 
-def token_data(rows, encode, halves, *, num_proc: int | None = None, desc: str = "tokenizing"):
+def token_data(rows, encode, halves, *, num_proc: int | None = None, desc: str = "tokenizing", progress: bool = True):
     """``rows`` tokenized by ``encode``: a ``TokenStore``, or for a streamed data set a ``Stream``
     (tokenized as it is read)."""
     make_store = pair_store if halves == PAIR_HALVES else sft_store
     if isinstance(rows, datasets.IterableDataset):
         return Stream(rows, encode, halves, make_store)
-    return make_store(tokenize_rows(rows, encode, halves, num_proc=num_proc, desc=desc))
+    return make_store(tokenize_rows(rows, encode, halves, num_proc=num_proc, desc=desc, progress=progress))
+
+
+@contextlib.contextmanager
+def _progress_bars(show: bool):
+    """``datasets``' progress bars on or off for the block, as they were after it."""
+    was_off = datasets.are_progress_bars_disabled()
+    if not show:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not show and not was_off:
+            datasets.enable_progress_bars()
 
 
 class RowBatches:

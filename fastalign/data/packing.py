@@ -73,28 +73,37 @@ class PackedBatch:
         )
 
 
-def plan_batches(unit_lengths: list[int], max_tokens: int) -> list[list[int]]:
-    """Best-fit decreasing: lists of unit indices, each list's lengths summing to <= max_tokens.
+def plan_units(unit_lengths, max_tokens: int) -> list[np.ndarray]:
+    """Best-fit decreasing: arrays of unit indices, each array's lengths summing to <= max_tokens.
 
-    Deterministic: ties keep the input order. A unit longer than ``max_tokens`` is an error.
+    Deterministic: ties keep the input order; each batch lists its units in the order they were
+    placed (longest first). A unit longer than ``max_tokens`` is an error. What is kept is one
+    index per unit, not a Python object (a data set of millions of rows plans in little memory).
     """
-    for i, n in enumerate(unit_lengths):
-        if n > max_tokens:
-            raise ValueError(f"unit {i} has {n} tokens, more than max_tokens_per_batch={max_tokens}")
-    order = sorted(range(len(unit_lengths)), key=lambda i: -unit_lengths[i])
-    batches: list[list[int]] = []
+    lengths = np.asarray(unit_lengths, dtype=np.int64).reshape(-1)
+    too_long = np.flatnonzero(lengths > max_tokens)
+    if too_long.size:
+        i = int(too_long[0])
+        raise ValueError(f"unit {i} has {lengths[i]} tokens, more than max_tokens_per_batch={max_tokens}")
+    order = np.argsort(-lengths, kind="stable")
+    batch_of = np.empty(len(order), dtype=np.int64)  # in placing order
     free: list[tuple[int, int]] = []  # (room left, batch index), sorted
-    for i in order:
-        need = unit_lengths[i]
-        k = bisect.bisect_left(free, (need, -1))
-        if k < len(free):
-            room, b = free.pop(k)
+    batches = 0
+    for k, need in enumerate(lengths[order].tolist()):
+        slot = bisect.bisect_left(free, (need, -1))
+        if slot < len(free):
+            room, b = free.pop(slot)
         else:
-            room, b = max_tokens, len(batches)
-            batches.append([])
-        batches[b].append(i)
+            room, b, batches = max_tokens, batches, batches + 1
+        batch_of[k] = b
         bisect.insort(free, (room - need, b))
-    return batches
+    grouped = order[np.argsort(batch_of, kind="stable")]
+    return np.split(grouped, np.cumsum(np.bincount(batch_of, minlength=batches))[:-1]) if batches else []
+
+
+def plan_batches(unit_lengths, max_tokens: int) -> list[list[int]]:
+    """``plan_units`` as lists of ints."""
+    return [units.tolist() for units in plan_units(unit_lengths, max_tokens)]
 
 
 def pack(units: list[list[Sequence]], extras: dict[str, list[float]] | None = None) -> PackedBatch:

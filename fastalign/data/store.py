@@ -223,7 +223,7 @@ class Batches:
     each ``PackedBatch`` built when it is read (``batches[k]``), so only the micro-batches of the
     step at hand exist. ``plan[k]`` lists the units (store rows) of micro-batch ``k``."""
 
-    def __init__(self, store: TokenStore, plan: list[list[int]]):
+    def __init__(self, store: TokenStore, plan: list):
         self.store, self.plan = store, plan
 
     def __len__(self) -> int:

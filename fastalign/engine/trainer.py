@@ -28,7 +28,7 @@ from typing import TypeVar
 import torch
 from transformers import set_seed
 
-from fastalign.data import PackedBatch, plan_batches
+from fastalign.data import PackedBatch, plan_units
 from fastalign.data.store import Batches, Stream, StreamBatches, TokenStore
 
 from . import checkpoint as ckpt
@@ -164,7 +164,7 @@ class Trainer(LossPasses):
         self.logger = None
 
     # ---- what an algorithm supplies (with compute_loss and batch_weight) ------------------------
-    def plan(self, store: TokenStore) -> list[list[int]]:
+    def plan(self, store: TokenStore) -> list:
         """The micro-batches of an epoch as lists of units (store rows): best-fit decreasing into
         ``max_tokens_per_batch``, from the lengths alone."""
         kept, budget = store.kept, self.args.max_tokens_per_batch
@@ -174,7 +174,7 @@ class Trainer(LossPasses):
             both = " (its two halves)" if len(store.halves) == 2 else ""
             raise ValueError(f"row {row} has {int(lengths.max())} tokens{both}, more than max_tokens_per_batch="
                              f"{budget}: raise it{' to at least 2 x max_length' if both else ''}, or lower max_length")
-        return [kept[b].tolist() for b in plan_batches(lengths, budget)]
+        return [kept[units] for units in plan_units(lengths, budget)]
 
     def make_batches(self, data: TokenStore | Stream) -> Batches | StreamBatches:
         if isinstance(data, Stream):

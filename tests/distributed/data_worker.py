@@ -44,8 +44,8 @@ def main(out, data):
     trainer = SFTTrainer(tiny_model("llama", hidden_size=32, layers=1, heads=2, seed=1), args=args,
                          train_dataset=data, tokenizer=char_tokenizer(), formatting_func=text)
     trainer.train()
-    record = {"plan": trainer.train_batches.plan, "steps": [trainer.step_plan(s) for s in range(STEPS)],
-              "built": built, "world": distributed.world_size()}
+    record = {"plan": [list(map(int, units)) for units in trainer.train_batches.plan],
+              "steps": [trainer.step_plan(s) for s in range(STEPS)], "built": built, "world": distributed.world_size()}
     with open(os.path.join(out, f"rank{distributed.rank()}.json"), "w") as f:
         json.dump(record, f)
 

@@ -2,7 +2,7 @@
 #   make test    create or reuse .venv, install, run the test suite
 #   make bench   run the kernel benchmarks and write benchmarks/out/results.md
 #   make bench-peers  fastalign against TRL end to end (DPO, reward, SFT); makes the peer venv first
-#   make bench-data   data preparation to the first step: fastalign, TRL and the tokenizer floor (issue 16)
+#   make bench-data   data preparation to the first step: fastalign, TRL and the tokenizer floor
 #   make gpu-wheels  what travels to a GPU machine without a package index (benchmarks/gpu_session.sh)
 #   make demo    the embedded demo: a tiny model learns to sort digits, then DDPO, on this CPU (runs/demo)
 PYTHON ?= python3

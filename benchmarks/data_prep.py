@@ -1,4 +1,4 @@
-"""Data preparation to the first optimizer step: fastalign, TRL and the tokenizer floor (issue 16).
+"""Data preparation to the first optimizer step: fastalign, TRL and the tokenizer floor.
 
     python -m benchmarks.data_prep [--rows 10000,100000] [--workloads sft,dpo]
                                    [--systems floor,fastalign,trl] [--num-proc 2] [--work DIR]
@@ -35,7 +35,7 @@ trainer is made); per token, divided by the floor's token count. Worker processe
 are not in that figure; their largest peak is recorded as ``children_peak_rss``.
 
 Writes ``results.jsonl`` (one record per child, appended) and ``results.md`` (the latest record of
-each kind, with the issue's acceptance targets as pass/fail) in the work folder.
+each kind, with fastalign's data-path targets as pass/fail) in the work folder.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ MAX_LENGTH = {"sft": 1024, "dpo": 512}
 MAX_PROMPT_LENGTH = 128
 TRL_BATCH = 8
 GIB = 1024 ** 3
-# The issue's acceptance targets.
+# fastalign's data-path targets.
 FLOOR_RATIO = 1.5
 CACHED_SECONDS, CACHED_AT_ROWS = 15.0, 100_000
 BYTES_PER_TOKEN = 4.0
@@ -446,7 +446,7 @@ def system_cells(first: dict | None, cached: dict | None, tokens: int | None, fl
 
 def checks(workload: str, rows: int, floor_s: float | None, first: dict | None, cached: dict | None,
            tokens: int | None) -> list[bool | None]:
-    """The issue's acceptance targets for fastalign; None where one does not apply or is not measured."""
+    """fastalign's data-path targets; None where one does not apply or is not measured."""
     per_tokens = [b for b in (per_token(first, tokens), per_token(cached, tokens)) if b is not None]
     return [
         first["seconds"] <= FLOOR_RATIO * floor_s if ok(first) and floor_s else None,

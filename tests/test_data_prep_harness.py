@@ -1,6 +1,6 @@
 """The data-preparation benchmark's harness (benchmarks/data_prep.py) without running a trainer: its
 workload is deterministic and streamed, its children's options follow the configs, its report
-applies the issue's targets."""
+applies the data-path targets."""
 
 import dataclasses
 import json

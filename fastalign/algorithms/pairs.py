@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from fastalign.data import PairEncoder, load_rows
 from fastalign.data.store import PAIR_HALVES, TokenStore, token_data
-from fastalign.engine import Trainer
+from fastalign.engine import Trainer, distributed
 
 
 class PairTrainer(Trainer):
@@ -20,7 +20,8 @@ class PairTrainer(Trainer):
         encode = PairEncoder(tokenizer, args.max_length, args.max_prompt_length, args.truncation_mode,
                              args.drop_bad_pairs)
         store = token_data(load_rows(dataset, streaming=args.streaming and name == "train"), encode, PAIR_HALVES,
-                           num_proc=args.dataset_num_proc, desc=f"tokenizing the {name} set", progress=not args.disable_tqdm)
+                           num_proc=args.dataset_num_proc, desc=f"tokenizing the {name} set", progress=not args.disable_tqdm,
+                           main_first=distributed.local_main_first)
         if isinstance(store, TokenStore):  # a stream is tokenized as it is read
             self.reports[name] = store.report
         return store

@@ -354,7 +354,7 @@ class PPOTrainer(Checkpointing):
         if self.config.streaming or isinstance(dataset, datasets.IterableDataset):
             raise ValueError("PPO samples its prompts from a data set it can index: streaming is for sft, reward and dpo")
         return tokenize_prompts(load_rows(dataset) if isinstance(dataset, (str, Path)) else dataset, self.tokenizer,
-                                self.config.dataset_num_proc)
+                                self.config.dataset_num_proc, distributed.local_main_first)
 
     def _dataloader(self):
         from torch.utils.data import DataLoader, DistributedSampler

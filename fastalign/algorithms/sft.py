@@ -20,7 +20,7 @@ import torch
 
 from fastalign.data import SFTEncoder, load_rows
 from fastalign.data.store import SFT_HALVES, TokenStore, token_data
-from fastalign.engine import TrainingConfig, Trainer
+from fastalign.engine import TrainingConfig, Trainer, distributed
 from fastalign.models import load_model, packed_logprobs, prepare_model
 
 
@@ -57,7 +57,8 @@ class SFTTrainer(Trainer):
         encode = SFTEncoder(tokenizer, args.dataset_text_field, formatting_func, args.max_length,
                             args.truncation_mode, args.completion_only_loss)
         store = token_data(load_rows(dataset, streaming=args.streaming and name == "train"), encode, SFT_HALVES,
-                           num_proc=args.dataset_num_proc, desc=f"tokenizing the {name} set", progress=not args.disable_tqdm)
+                           num_proc=args.dataset_num_proc, desc=f"tokenizing the {name} set", progress=not args.disable_tqdm,
+                           main_first=distributed.local_main_first)
         if isinstance(store, TokenStore):  # a stream is tokenized as it is read
             self.reports[name] = store.report
         return store

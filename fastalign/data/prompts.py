@@ -9,6 +9,7 @@ process of each machine first) and read with ``input_ids`` as tensors; a list of
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import datasets
@@ -61,17 +62,16 @@ class PromptEncoder:
         return out
 
 
-def tokenize_prompts(rows, tokenizer, num_proc: int | None = None):
+def tokenize_prompts(rows, tokenizer, num_proc: int | None = None, main_first=contextlib.nullcontext):
     """The rows with ``query`` and ``input_ids`` (a tensor) added: a ``datasets.Dataset`` (mapped,
-    cached) or, for any other iterable of rows, a list of dicts."""
-    from fastalign.engine import distributed
-
+    cached; ``main_first`` as in ``store.tokenize_rows``) or, for any other iterable of rows, a
+    list of dicts."""
     from .store import RowBatches, default_num_proc
 
     encode = PromptEncoder(tokenizer)
     if isinstance(rows, datasets.Dataset):
         num_proc = default_num_proc(len(rows)) if num_proc is None else num_proc
-        with distributed.local_main_first():
+        with main_first():
             rows = rows.map(RowBatches(encode), batched=True, with_indices=True, desc="tokenizing the prompts",
                             num_proc=num_proc if num_proc > 1 and len(rows) >= 2 * num_proc else None)
         return rows.with_format("torch", columns=["input_ids"], output_all_columns=True)

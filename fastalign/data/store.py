@@ -61,21 +61,21 @@ def default_num_proc(rows: int) -> int:
 
 
 def tokenize_rows(rows, encode, halves: tuple[str, ...], *, num_proc: int | None = None, desc: str = "tokenizing",
-                  progress: bool = True):
+                  progress: bool = True, main_first=contextlib.nullcontext):
     """The token table of ``rows`` (a ``datasets.Dataset`` or a list of row dicts).
 
     ``encode(rows: list[dict], indices: list[int]) -> dict of columns`` tokenizes a batch of rows;
     it must be picklable (it runs in worker processes) and deterministic (its hash keys the cache).
-    ``progress``: ``datasets``' progress bar while it tokenizes.
+    ``progress``: ``datasets``' progress bar while it tokenizes. ``main_first``: a context under
+    which the tokenizing runs, the machine's main process first (the trainers pass
+    ``engine.distributed.local_main_first``; the data layer knows no processes of its own).
     """
     if not isinstance(rows, datasets.Dataset):  # a list of rows: one call, in memory
         rows = list(rows)
         return pa.table(encode([dict(r) if isinstance(r, dict) else r for r in rows], list(range(len(rows)))),
                         schema=features(halves).arrow_schema)
-    from fastalign.engine import distributed  # not at the top: the engine imports fastalign.data
-
     num_proc = default_num_proc(len(rows)) if num_proc is None else num_proc
-    with distributed.local_main_first(), _progress_bars(progress):
+    with main_first(), _progress_bars(progress):
         table = rows.map(
             RowBatches(encode), batched=True, with_indices=True, remove_columns=rows.column_names,
             features=features(halves), num_proc=num_proc if num_proc > 1 and len(rows) >= 2 * num_proc else None,
@@ -104,13 +104,13 @@ class Stream:
     make_store: object
 
 
-def token_data(rows, encode, halves, *, num_proc: int | None = None, desc: str = "tokenizing", progress: bool = True):
-    """``rows`` tokenized by ``encode``: a ``TokenStore``, or for a streamed data set a ``Stream``
-    (tokenized as it is read)."""
+def token_data(rows, encode, halves, **options):
+    """``rows`` tokenized by ``encode`` (``options`` as ``tokenize_rows``'): a ``TokenStore``, or for
+    a streamed data set a ``Stream`` (tokenized as it is read)."""
     make_store = pair_store if halves == PAIR_HALVES else sft_store
     if isinstance(rows, datasets.IterableDataset):
         return Stream(rows, encode, halves, make_store)
-    return make_store(tokenize_rows(rows, encode, halves, num_proc=num_proc, desc=desc, progress=progress))
+    return make_store(tokenize_rows(rows, encode, halves, **options))
 
 
 @contextlib.contextmanager

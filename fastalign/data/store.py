@@ -57,7 +57,8 @@ def features(halves: tuple[str, ...]) -> datasets.Features:
 
 def default_num_proc(rows: int) -> int:
     """Tokenizing processes for ``rows`` rows: every core (at most 8) for a large data set, else 1."""
-    return 1 if rows < PARALLEL_MIN_ROWS else max(1, min(8, len(os.sched_getaffinity(0))))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return 1 if rows < PARALLEL_MIN_ROWS else max(1, min(8, cores))
 
 
 def tokenize_rows(rows, encode, halves: tuple[str, ...], *, num_proc: int | None = None, desc: str = "tokenizing",

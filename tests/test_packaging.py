@@ -43,7 +43,8 @@ def test_wheel_holds_kernels_only_under_fastalign(tmp_path):
     assert "fastalign/kernels/__init__.py" in names
     assert "fastalign/kernels/linear_logprobs.py" in names
     # Every subpackage of the source tree is in the wheel.
-    for init in sorted((ROOT / "fastalign").glob("*/__init__.py")):
-        assert f"fastalign/{init.parent.name}/__init__.py" in names, init.parent.name
+    for init in sorted((ROOT / "fastalign").rglob("*/__init__.py")):
+        package = init.parent.relative_to(ROOT).as_posix()
+        assert f"{package}/__init__.py" in names, package
     tops = {n.split("/")[0] for n in names}
     assert all(t == "fastalign" or t.endswith(".dist-info") for t in tops), tops

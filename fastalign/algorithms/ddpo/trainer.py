@@ -1,62 +1,13 @@
-"""DDPO: reinforcement learning for a Stable Diffusion pipeline's UNet (Black et al. 2023,
-"Training Diffusion Models with Reinforcement Learning", arXiv:2305.13301).
-
-Each epoch has two phases.
-
-1. Sampling. ``sample_num_batches_per_epoch`` batches of ``sample_batch_size`` prompts from
-   ``prompt_function() -> (prompt, metadata)`` are denoised with DDIM over ``sample_num_steps``
-   steps at ``sample_eta`` (> 0, so each step is a Gaussian policy action) and classifier-free
-   guidance ``sample_guidance_scale``, recording every step's latent before and after and its
-   log-probability (:func:`fastalign.kernels.ddpo.ddim_step_with_logprob`). The VAE decodes the
-   final latents to images in ``[0, 1]``, and ``reward_function(images, prompts, metadata) ->
-   (rewards, reward_metadata)`` scores them (in a thread pool with ``async_reward_computation``).
-   Advantages are the rewards normalised over the epoch's samples, or per prompt with
-   ``per_prompt_stat_tracking`` (:class:`fastalign.kernels.rl.PerPromptStatTracker`).
-2. Training. ``train_num_inner_epochs`` passes over the samples, shuffled, each sample's
-   timesteps in its own random order, of which the first ``train_timestep_fraction`` are trained.
-   Per batch of ``train_batch_size`` samples and per trained timestep, the UNet recomputes the
-   step's log-probability of the recorded next latent and the clipped loss
-   (:func:`fastalign.kernels.ddpo.ddpo_loss`) on ``ratio = exp(new - old)``. The optimizer steps
-   once every ``train_gradient_accumulation_steps`` batches, all their timesteps accumulated (the
-   loss is their mean). Each optimizer step logs ``loss``, ``approx_kl`` (half the mean squared
-   log-ratio), ``clipfrac``, ``grad_norm`` and ``lr``, the first of an epoch also its samples'
-   ``reward_mean`` and ``reward_std``.
-
-The text encoder and VAE are frozen; the UNet is trained, or LoRA adapters on its attention
-projections (``use_lora``, rank 4). With ``mixed_precision`` ``"fp16"``/``"bf16"`` the frozen
-weights are cast to that type and the forwards run under autocast; trained weights stay fp32.
-
-Names, defaults and the math follow TRL 0.7.10's ``DDPOConfig``/``DDPOTrainer``. Differences:
-
-- the pipeline is any diffusers ``StableDiffusionPipeline`` (or its name or path), its scheduler
-  replaced by a ``DDIMScheduler`` with the same configuration; LoRA goes through diffusers' PEFT
-  integration;
-- sampling draws its noise from the trainer's own seeded generator, saved in checkpoints, so a
-  resumed run samples exactly what an uninterrupted one would;
-- sampling and training always compute the same policy: guided (classifier-free guidance at
-  ``sample_guidance_scale``) when ``train_cfg`` and the scale is not 1, else unguided;
-  ``train_cfg=False`` with a scale above 1 is refused (samples drawn with guidance would be
-  trained without it, every ratio off from the start);
-- ``mixed_precision="fp16"`` (the default) falls back to fp32 on a CPU, with a warning;
-- one process (no multi-device data parallelism yet).
-
-Checkpoints (``output_dir/checkpoint-STEP``, every ``save_freq`` epochs, ``num_checkpoint_limit``
-kept) hold the trained weights (the UNet, or only its adapters), the optimizer, the epoch, the
-per-prompt statistics and every random state; ``resume_from`` (a checkpoint folder, or ``True``
-for the latest in ``output_dir``) continues from one. The final save writes the whole pipeline
-in diffusers format, or only the LoRA weights (``pytorch_lora_weights.safetensors``, for
-``pipeline.load_lora_weights``).
-"""
+"""``DDPOTrainer``: sampling epochs of a Stable Diffusion pipeline with DDIM log-probabilities, then
+the clipped DDPO loss per recorded timestep (the algorithm and its options: the package docstring)."""
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import math
 import time
 import warnings
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -69,148 +20,18 @@ from fastalign.engine import distributed
 from fastalign.engine.engine import Engine, default_device
 from fastalign.engine.metrics import MetricsLogger
 from fastalign.engine.trainer import Checkpointing
-
-from .ppo import named_function
 from fastalign.kernels.ddpo import ddim_step_with_logprob, ddpo_loss
 from fastalign.kernels.rl import PerPromptStatTracker
 
-PRECISIONS = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+from .config import PRECISIONS, DDPOConfig
+from .pipeline import load_pipeline, place
+from .weights import TrainedWeights
+
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 LORA_FILE = "pytorch_lora_weights.safetensors"
 BAR_KEYS = ("reward_mean", "approx_kl", "clipfrac")
 # Each sample's tensors, indexed [sample, ...]; the per-timestep ones are [sample, step, ...].
 PER_STEP = ("timesteps", "latents", "next_latents", "log_probs")
-
-
-@dataclass
-class DDPOConfig:
-    """TRL 0.7.10's ``DDPOConfig`` options (same names and defaults), plus fastalign's run options.
-
-    An epoch samples ``sample_batch_size x sample_num_batches_per_epoch`` images; an optimizer
-    step covers ``train_batch_size x train_gradient_accumulation_steps`` of them, each at
-    ``int(sample_num_steps x train_timestep_fraction)`` timesteps.
-    """
-
-    output_dir: str = "runs/ddpo"
-    seed: int = 0
-    num_epochs: int = 100
-    save_freq: int = 1  # epochs between checkpoints
-    num_checkpoint_limit: int = 5
-    mixed_precision: str = "fp16"  # "no", "fp16" or "bf16"
-    allow_tf32: bool = True
-    resume_from: str | bool = ""  # a checkpoint folder, or True: the latest in output_dir
-    # Sampling.
-    sample_num_steps: int = 50
-    sample_eta: float = 1.0
-    sample_guidance_scale: float = 5.0
-    sample_batch_size: int = 1
-    sample_num_batches_per_epoch: int = 2
-    negative_prompts: str = ""
-    # Training.
-    train_batch_size: int = 1
-    train_learning_rate: float = 3e-4
-    train_adam_beta1: float = 0.9
-    train_adam_beta2: float = 0.999
-    train_adam_weight_decay: float = 1e-4
-    train_adam_epsilon: float = 1e-8
-    train_gradient_accumulation_steps: int = 1
-    train_max_grad_norm: float = 1.0
-    train_num_inner_epochs: int = 1
-    train_cfg: bool = True
-    train_adv_clip_max: float = 5.0
-    train_clip_range: float = 1e-4
-    train_timestep_fraction: float = 1.0
-    # Advantages.
-    per_prompt_stat_tracking: bool = False
-    per_prompt_stat_tracking_buffer_size: int = 16
-    per_prompt_stat_tracking_min_count: int = 16
-    # Rewards.
-    async_reward_computation: bool = False
-    max_workers: int = 2
-    # The trained weights.
-    use_lora: bool = True
-    lora_rank: int = 4
-    # Logging.
-    report_to: tuple = ()
-    disable_tqdm: bool = False
-
-    def __post_init__(self):
-        if self.mixed_precision not in PRECISIONS:
-            raise ValueError(f"mixed_precision must be one of {sorted(PRECISIONS)}, got {self.mixed_precision!r}")
-        checks = {
-            "num_epochs": self.num_epochs >= 1, "save_freq": self.save_freq >= 1,
-            "sample_num_steps": self.sample_num_steps >= 1, "sample_eta": self.sample_eta > 0,
-            "sample_batch_size": self.sample_batch_size >= 1, "sample_num_batches_per_epoch": self.sample_num_batches_per_epoch >= 1,
-            "train_batch_size": self.train_batch_size >= 1, "train_learning_rate": self.train_learning_rate >= 0,
-            "train_gradient_accumulation_steps": self.train_gradient_accumulation_steps >= 1,
-            "train_num_inner_epochs": self.train_num_inner_epochs >= 1, "train_clip_range": self.train_clip_range > 0,
-            "train_adv_clip_max": self.train_adv_clip_max > 0,
-            "train_timestep_fraction": 0 < self.train_timestep_fraction <= 1 and self.num_train_timesteps >= 1,
-            "lora_rank": self.lora_rank >= 1, "max_workers": self.max_workers >= 1,
-        }
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError("invalid " + ", ".join(f"{n}={getattr(self, n)!r}" for n in bad))
-        if self.sample_batch_size % self.train_batch_size:
-            raise ValueError(f"sample_batch_size ({self.sample_batch_size}) must be a multiple of train_batch_size "
-                             f"({self.train_batch_size})")
-        if self.samples_per_epoch % self.samples_per_optimizer_step:
-            raise ValueError(
-                f"an epoch's {self.samples_per_epoch} samples (sample_batch_size x sample_num_batches_per_epoch) must "
-                f"be a multiple of the {self.samples_per_optimizer_step} of an optimizer step (train_batch_size x "
-                "train_gradient_accumulation_steps)")
-        if not self.train_cfg and self.sample_guidance_scale > 1:
-            raise ValueError(f"train_cfg=False with sample_guidance_scale={self.sample_guidance_scale}: samples drawn "
-                             "with guidance would be trained without it; set train_cfg=True or the scale to 1")
-        if isinstance(self.report_to, str):
-            self.report_to = () if self.report_to in ("none", "") else (self.report_to,)
-
-    @property
-    def num_train_timesteps(self) -> int:
-        return int(self.sample_num_steps * self.train_timestep_fraction)
-
-    @property
-    def samples_per_epoch(self) -> int:
-        return self.sample_batch_size * self.sample_num_batches_per_epoch
-
-    @property
-    def samples_per_optimizer_step(self) -> int:
-        return self.train_batch_size * self.train_gradient_accumulation_steps
-
-    @property
-    def optimizer_steps_per_epoch(self) -> int:
-        return self.train_num_inner_epochs * self.samples_per_epoch // self.samples_per_optimizer_step
-
-
-class _TrainedWeights:
-    """What a checkpoint holds of the pipeline: the UNet, or only its LoRA adapters."""
-
-    def __init__(self, unet, lora: bool):
-        self.unet, self.lora = unet, lora
-
-    def save_pretrained(self, folder, safe_serialization=True, state_dict=None):
-        from safetensors.torch import save_file
-
-        state = {k: v.detach().contiguous().cpu() for k, v in self._state().items()}
-        save_file(state, str(Path(folder) / "unet.safetensors"))
-
-    def load_saved_weights(self, folder):
-        from safetensors.torch import load_file
-
-        state = load_file(str(Path(folder) / "unet.safetensors"))
-        if self.lora:
-            from peft import set_peft_model_state_dict
-
-            set_peft_model_state_dict(self.unet, state)
-        else:
-            self.unet.load_state_dict(state)
-
-    def _state(self) -> dict:
-        if self.lora:
-            from peft import get_peft_model_state_dict
-
-            return get_peft_model_state_dict(self.unet)
-        return self.unet.state_dict()
 
 
 class DDPOTrainer(Checkpointing):
@@ -234,7 +55,7 @@ class DDPOTrainer(Checkpointing):
         self.config = c = config or DDPOConfig()
         set_seed(c.seed)
         self.reward_fn, self.prompt_fn, self.image_samples_hook = reward_function, prompt_function, image_samples_hook
-        self.pipeline = pipe = _load_pipeline(sd_pipeline)
+        self.pipeline = pipe = load_pipeline(sd_pipeline)
         self.device = device = default_device()  # the Engine's
         if c.allow_tf32 and device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -245,12 +66,12 @@ class DDPOTrainer(Checkpointing):
         self.precision = PRECISIONS[precision]
         frozen_dtype = self.precision or torch.float32
         for part in (pipe.vae, pipe.text_encoder):
-            _place(part.requires_grad_(False).eval(), device, frozen_dtype)
+            place(part.requires_grad_(False).eval(), device, frozen_dtype)
         unet = pipe.unet
         if c.use_lora:
             from peft import LoraConfig
 
-            _place(unet.requires_grad_(False), device, frozen_dtype)
+            place(unet.requires_grad_(False), device, frozen_dtype)
             unet.add_adapter(LoraConfig(r=c.lora_rank, lora_alpha=c.lora_rank, init_lora_weights="gaussian",
                                         target_modules=LORA_TARGETS))
             for p in unet.parameters():  # the adapters train in fp32
@@ -269,7 +90,7 @@ class DDPOTrainer(Checkpointing):
         # A constant learning rate (no warmup), so the schedule's length does not matter.
         self.engine = Engine(unet, self.args, 1, optimizer)
         self.optimizer = self.engine.optimizer
-        self.model = _TrainedWeights(unet, c.use_lora)  # what checkpoints save and load
+        self.model = TrainedWeights(unet, c.use_lora)  # what checkpoints save and load
         self.tokenizer = None
         self.stat_tracker = (PerPromptStatTracker(c.per_prompt_stat_tracking_buffer_size, c.per_prompt_stat_tracking_min_count)
                              if c.per_prompt_stat_tracking else None)
@@ -527,72 +348,7 @@ class DDPOTrainer(Checkpointing):
         self.perm_generator.set_state(ddpo["perm"])
 
 
-TINY_PIPELINE = "fastalign/tiny-sd"  # the built-in pipeline: random weights, 64 x 64 images
-
-
-def reward_function(spec: str):
-    """A DDPO reward by name: ``jpeg_compressibility``, ``jpeg_incompressibility`` or
-    ``package.module:function``."""
-    from fastalign.tasks.compressibility import jpeg_compressibility, jpeg_incompressibility
-
-    return named_function(spec, {"jpeg_compressibility": jpeg_compressibility,
-                                 "jpeg_incompressibility": jpeg_incompressibility})
-
-
-def prompt_function(spec: str):
-    """A prompt function by name: ``animals`` (simple animal names) or ``package.module:function``."""
-    from fastalign.tasks.compressibility import animal_prompt
-
-    return named_function(spec, {"animals": animal_prompt}, "prompt_function")
-
-
-def _load_pipeline(pipeline):
-    """A ``StableDiffusionPipeline`` (built or loaded when a name or path) with a DDIM scheduler."""
-    try:
-        from diffusers import DDIMScheduler, StableDiffusionPipeline
-    except ImportError as err:
-        raise ImportError("DDPO needs diffusers: pip install 'fastalign[diffusion]'") from err
-    if pipeline == TINY_PIPELINE:
-        from fastalign.models.tiny import tiny_diffusion_pipeline
-
-        pipeline = tiny_diffusion_pipeline(64)
-    elif isinstance(pipeline, (str, Path)):
-        pipeline = StableDiffusionPipeline.from_pretrained(str(pipeline), safety_checker=None)
-    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
-        if getattr(pipeline, part, None) is None:
-            raise ValueError(f"the pipeline has no {part}: DDPO needs a Stable Diffusion pipeline")
-    if not isinstance(pipeline.scheduler, DDIMScheduler):
-        pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
-
-
-def _place(module, device, dtype) -> None:
-    """Move ``module``, casting only when its dtype differs (diffusers warns on every cast)."""
-    module.to(device)
-    if module.dtype != dtype:
-        module.to(dtype)
-
-
 def _mean(records: list[dict]) -> dict:
     """An epoch's optimizer steps summarised (every epoch has at least one)."""
     means = {k: float(np.mean([r[k] for r in records])) for k in ("loss", "approx_kl", "clipfrac", "grad_norm")}
     return {**means, "lr": records[-1]["lr"]}
-
-
-def image_grid(images, rows: int | None = None, scale: int = 1):
-    """Images ``[B, 3, H, W]`` in ``[0, 1]`` tiled into one PIL image, ``rows`` rows (default: as
-    square as possible), each pixel repeated ``scale`` times."""
-    from PIL import Image
-
-    images = images.detach().float().clamp(0, 1).cpu()
-    n, _, h, w = images.shape
-    rows = rows or max(1, int(math.sqrt(n)))
-    cols = -(-n // rows)
-    grid = torch.ones(3, rows * (h + 2), cols * (w + 2))
-    for i in range(n):
-        r, col = divmod(i, cols)
-        grid[:, r * (h + 2) + 1:r * (h + 2) + 1 + h, col * (w + 2) + 1:col * (w + 2) + 1 + w] = images[i]
-    array = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    image = Image.fromarray(array)
-    return image.resize((image.width * scale, image.height * scale), Image.NEAREST) if scale > 1 else image

@@ -1,44 +1,13 @@
-"""PPO for language models (Ziegler et al., "Fine-Tuning Language Models from Human Preferences",
-2019), with TRL 0.7.10's options, names and step, on the packed core.
-
-One PPO step (``PPOTrainer.step``) takes ``batch_size`` (query, response, score) samples:
-
-1. scores: optionally scaled by the running standard deviation of all scores so far
-   (``use_score_scaling``; also centred with ``use_score_norm``), then clipped (``score_clip``);
-2. one padding-free forward each of the policy (log-probs and values) and of the reference
-   (log-probs) over query+response, the heads run only at response positions: the whole batch
-   is kept flat over its response tokens, sample after sample;
-3. rewards per token: ``-kl_coef * kl`` (``kl_penalty``: kl, abs, mse, or the exact ``full``
-   KL over the vocabulary), plus the score at each response's last token (fused kernel);
-4. GAE advantages and returns (fused scan over ``[batch, longest response]``, nothing longer),
-   advantages whitened, rewards too with ``whiten_rewards``;
-5. ``ppo_epochs`` passes over the batch in shuffled mini-batches of ``mini_batch_size`` samples
-   (each one packed row), the clipped PPO loss (fused kernel), an optimizer step every
-   ``gradient_accumulation_steps`` mini-batches; with ``early_stopping`` a pass whose last
-   mini-batch has a policy KL over 1.5 x ``target_kl`` ends the step;
-6. the KL coefficient adapts to ``target`` (``adap_kl_ctrl``), the stats come back under TRL's
-   names (``objective/kl``, ``ppo/policy/approxkl``, ``env/reward_mean``, ...).
-
-Every forward runs in eval mode (no dropout), the training forwards included, as in TRL 0.7.10.
-Two things differ from it on purpose. With ``whiten_rewards`` TRL's whitened rewards stay non-zero
-at padding and masked positions, so its advantages depend on how much padding a batch has; here
-they are zeroed there. And ``max_grad_norm`` clips every optimizer step (TRL 0.7.10 clips only
-the first one of a run: its list of parameters is a one-shot iterator).
-
-With several processes each runs ``step`` on its own ``batch_size`` samples (as TRL does); the
-gradient is the mean over processes, the stats and the score statistics are global.
-"""
+"""``PPOTrainer``: TRL 0.7.10's interface (``generate``, ``step``) and ``train()`` over a data set of
+prompts, on the packed core. The step's parts live beside it: options (``config``), the reference
+(``reference``), generation, the rollout record, input checks, statistics."""
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
-import random
-import re
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
@@ -47,20 +16,17 @@ from transformers import set_seed
 
 from fastalign.data import IGNORE_INDEX, Sequence, load_rows, pack, plan_batches
 from fastalign.data.prompts import tokenize_prompts
-from fastalign.engine import Engine, TrainingConfig, distributed
+from fastalign.engine import Engine, distributed
 from fastalign.engine.engine import adamw, planned_zero_stage
 from fastalign.engine.metrics import MetricsLogger
 from fastalign.engine.trainer import Checkpointing, peak_memory_gb
-from fastalign.kernels import segment_sum
 from fastalign.kernels.gae import compute_advantages
-from fastalign.kernels.kl import compute_rewards_packed, kl_penalty
+from fastalign.kernels.kl import compute_rewards_packed
 from fastalign.kernels.ppo import ppo_loss
-from fastalign.kernels.rl import AdaptiveKLController, FixedKLController, RunningMoments, masked_mean, masked_whiten
+from fastalign.kernels.rl import AdaptiveKLController, FixedKLController, RunningMoments, masked_whiten
 from fastalign.models import (
     CausalLMWithValueHead,
-    gathered,
     head_logprobs,
-    lm_head,
     load_model,
     load_reward_model,
     packed_hidden,
@@ -69,194 +35,13 @@ from fastalign.models import (
     prepare_model,
 )
 
-KL_PENALTIES = ("kl", "abs", "mse", "full")
-
-
-@dataclass
-class PPOConfig(TrainingConfig):
-    """TRL 0.7.10's ``PPOConfig`` knobs (same names and defaults) on top of the engine's options.
-
-    A PPO step takes ``batch_size`` (query, response, score) samples, runs ``ppo_epochs`` passes
-    over them in shuffled mini-batches of ``mini_batch_size``, and steps the optimizer every
-    ``gradient_accumulation_steps`` mini-batches.
-    """
-
-    learning_rate: float = 1e-5
-    max_grad_norm: float | None = None
-    seed: int = 0
-    steps: int = 20000  # samples over the whole run (TRL's meaning): steps / batch_size PPO steps
-    # KL penalty: adaptive (Ziegler et al.) or fixed coefficient, and its per-token estimator.
-    adap_kl_ctrl: bool = True
-    init_kl_coef: float = 0.2
-    kl_penalty: str = "kl"
-    target: float = 6.0
-    horizon: float = 10000.0
-    # Advantages and the loss.
-    gamma: float = 1.0
-    lam: float = 0.95
-    cliprange: float = 0.2
-    cliprange_value: float = 0.2
-    vf_coef: float = 0.1
-    whiten_rewards: bool = False
-    # Batching.
-    batch_size: int = 256
-    mini_batch_size: int = 1
-    ppo_epochs: int = 4
-    # Guards.
-    early_stopping: bool = False
-    target_kl: float = 1.0  # with early_stopping: stop the epoch once the policy KL exceeds 1.5 x this
-    ratio_threshold: float = 10.0  # skip a mini-batch whose mean ratio exceeds this
-    # Scores.
-    use_score_scaling: bool = False
-    use_score_norm: bool = False
-    score_clip: float | None = None
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.kl_penalty not in KL_PENALTIES:
-            raise ValueError(f"kl_penalty must be one of {KL_PENALTIES}, got {self.kl_penalty!r}")
-        backward = self.mini_batch_size * self.gradient_accumulation_steps
-        if self.mini_batch_size < 1 or self.batch_size < 1 or self.batch_size % backward:
-            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of mini_batch_size x "
-                             f"gradient_accumulation_steps ({self.mini_batch_size} x {self.gradient_accumulation_steps})")
-        checks = {"ppo_epochs": self.ppo_epochs >= 1, "gamma": 0 <= self.gamma <= 1, "lam": 0 <= self.lam <= 1,
-                  "cliprange": self.cliprange > 0, "cliprange_value": self.cliprange_value > 0,
-                  "init_kl_coef": self.init_kl_coef >= 0, "target_kl": self.target_kl > 0,
-                  "score_clip": self.score_clip is None or self.score_clip > 0}
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError("invalid " + ", ".join(f"{n}={getattr(self, n)!r}" for n in bad))
-        if self.use_score_norm and not self.use_score_scaling:
-            raise ValueError("use_score_norm centres scores as part of score scaling: set use_score_scaling=True too")
-
-    @property
-    def backward_batch_size(self) -> int:
-        """Samples per optimizer step."""
-        return self.mini_batch_size * self.gradient_accumulation_steps
-
-    @property
-    def total_ppo_epochs(self) -> int:
-        """PPO steps over the run: ``ceil(steps / batch_size)``."""
-        return -(-self.steps // self.batch_size)
-
-
-class LengthSampler:
-    """A random ``max_new_tokens`` per generation batch: uniform over ``[min_value, max_value)``."""
-
-    def __init__(self, min_value: int, max_value: int):
-        if not 0 < min_value < max_value:
-            raise ValueError(f"LengthSampler needs 0 < min_value < max_value, got {min_value}, {max_value}")
-        self.values = list(range(min_value, max_value))
-
-    def __call__(self) -> int:
-        return random.choice(self.values)
-
-
-def _sort_digits_reward(queries, responses):
-    from fastalign.tasks.sort_digits import sortedness_reward
-
-    return [sortedness_reward(q, r) for q, r in zip(queries, responses)]
-
-
-BUILTIN_REWARDS = {"sort_digits": _sort_digits_reward}
-
-
-def named_function(spec: str, builtins: dict, kind: str = "reward_function"):
-    """A function by name: one of ``builtins`` or ``package.module:function``."""
-    if spec in builtins:
-        return builtins[spec]
-    module, _, name = spec.partition(":")
-    if not module or not name:
-        raise ValueError(f"{kind} {spec!r}: expected one of {sorted(builtins)} or 'package.module:function'")
-    import importlib
-
-    fn = getattr(importlib.import_module(module), name, None)
-    if not callable(fn):
-        raise ValueError(f"{kind} {spec!r}: {module} has no function {name!r}")
-    return fn
-
-
-def reward_function(spec: str):
-    """A reward function by name: a built-in (``sort_digits``) or ``package.module:function``."""
-    return named_function(spec, BUILTIN_REWARDS)
-
-
-# Decoder-layer names, to find where the layers shared with the reference stop.
-_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
-
-
-def create_reference_model(model, num_shared_layers: int | None = None, share: bool = True):
-    """A frozen reference for ``model`` (a causal LM): a copy, or with ``num_shared_layers`` one
-    whose parameters below that layer (embeddings and the first ``num_shared_layers`` layers) are
-    the policy's own, frozen in the policy too, so only the layers above are copied (``share=False``
-    copies them anyway, frozen in both, for ZeRO-3, which cannot shard one tensor for two models)."""
-    ref = copy.deepcopy(model).requires_grad_(False).eval()
-    if num_shared_layers is None:
-        return ref
-    names = [n for n, _ in model.named_parameters()]
-    layers = [int(m.group(1)) for n in names if (m := _LAYER.search(n))]
-    if not layers:
-        raise ValueError(f"num_shared_layers: no decoder layers found in {type(model).__name__}'s parameter names")
-    if not 0 <= num_shared_layers <= max(layers):
-        raise ValueError(f"num_shared_layers must be in [0, {max(layers)}] ({max(layers) + 1} layers), got {num_shared_layers}")
-    for name, param in model.named_parameters():
-        m = _LAYER.search(name)
-        if m is not None and int(m.group(1)) >= num_shared_layers:
-            break  # parameters come in module order: everything from here on is the policy's own
-        param.requires_grad_(False)
-        if share:
-            owner, _, leaf = name.rpartition(".")
-            setattr(ref.get_submodule(owner) if owner else ref, leaf, param)
-    return ref
-
-
-@dataclass
-class Rollout:
-    """A PPO batch laid out flat over its response tokens, sample after sample: sample ``i`` owns
-    positions ``cu[i]:cu[i+1]``. Per-token tensors are fp32 ``[M]``."""
-
-    queries: list
-    responses: list
-    cu: torch.Tensor
-    mask: torch.Tensor
-    logprobs: torch.Tensor
-    ref_logprobs: torch.Tensor
-    values: torch.Tensor
-    kls: torch.Tensor | None = None  # filled in the forward pass for kl_penalty="full"
-    scores: torch.Tensor | None = None
-    rewards: torch.Tensor | None = None
-    non_score_rewards: torch.Tensor | None = None
-    advantages: torch.Tensor | None = None
-    returns: torch.Tensor | None = None
-
-    def units(self) -> list[list[Sequence]]:
-        """Each sample as a packing unit: query+response, the loss at the response tokens."""
-        return [[Sequence(torch.cat([q, a]).tolist(), [False] * len(q) + [True] * len(a))]
-                for q, a in zip(self.queries, self.responses)]
-
-    def positions(self, samples) -> torch.Tensor:
-        """Flat positions of ``samples``' response tokens, in that order."""
-        cu = self.cu.tolist()
-        return torch.cat([torch.arange(cu[i], cu[i + 1]) for i in samples]).to(self.cu.device)
-
-    def padded(self, flat: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """``flat [M]`` as ``[B, longest response]`` (zeros after each response), and the
-        ``(rows, cols)`` index that reads the flat layout back out of it."""
-        lengths = (self.cu[1:] - self.cu[:-1]).long()
-        rows = torch.repeat_interleave(torch.arange(len(lengths), device=flat.device), lengths.to(flat.device))
-        cols = torch.arange(flat.numel(), device=flat.device) - self.cu[:-1].long().to(flat.device)[rows]
-        out = flat.new_zeros(len(lengths), int(lengths.max()))
-        out[rows, cols] = flat
-        return out, (rows, cols)
-
-
-BAR_KEYS = ("env/reward_mean", "objective/kl", "objective/kl_coef")
-SCALAR_ARRAYS = ("objective/kl_dist", "tokens/queries_dist", "tokens/responses_dist", "ppo/policy/advantages",
-                 "ppo/policy/ratio", "env/reward_dist")
-
-
-def _dict_of_lists(rows):
-    return {key: [row[key] for row in rows] for key in rows[0]}
+from .config import PPOConfig
+from .generation import generate_responses, whole_model
+from .inputs import check_step_inputs
+from .prompts import dict_of_lists, endless, prompt_loader
+from .reference import create_reference_model
+from .rollout import Rollout, full_kl
+from .stats import BAR_KEYS, SCALAR_ARRAYS, step_stats
 
 
 class PPOTrainer(Checkpointing):
@@ -328,13 +113,13 @@ class PPOTrainer(Checkpointing):
         self.running = RunningMoments()
         self.perm_generator = torch.Generator().manual_seed(config.seed)
         self.dataset = self._prepare_dataset(dataset) if dataset is not None else None
-        self.data_collator = data_collator or _dict_of_lists
+        self.data_collator = data_collator or dict_of_lists
         self.dataloader = None
         if self.dataset is not None:
             if len(self.dataset) < config.batch_size * self.world_size:
                 raise ValueError(f"the dataset has {len(self.dataset)} prompts, fewer than one PPO batch "
                                  f"(batch_size {config.batch_size} x {self.world_size} processes)")
-            self.dataloader = self._dataloader()
+            self.dataloader = prompt_loader(self.dataset, config.batch_size, config.seed, self.data_collator)
         self.global_step = 0  # PPO steps done (step() calls)
         self.logger = None
 
@@ -356,37 +141,13 @@ class PPOTrainer(Checkpointing):
         return tokenize_prompts(load_rows(dataset) if isinstance(dataset, (str, Path)) else dataset, self.tokenizer,
                                 self.config.dataset_num_proc, distributed.local_main_first)
 
-    def _dataloader(self):
-        from torch.utils.data import DataLoader, DistributedSampler
-
-        sampler = None
-        if self.world_size > 1:
-            sampler = DistributedSampler(self.dataset, num_replicas=self.world_size, rank=distributed.rank(),
-                                         shuffle=True, seed=self.config.seed, drop_last=True)
-        return DataLoader(self.dataset, batch_size=self.config.batch_size, shuffle=sampler is None, sampler=sampler,
-                          drop_last=True, collate_fn=self.data_collator,
-                          generator=torch.Generator().manual_seed(self.config.seed) if sampler is None else None)
-
-    def _prompt_batches(self, skip: int = 0):
-        """The dataloader's batches, epoch after epoch, after skipping ``skip`` (a resumed run)."""
-        epoch = 0
-        while True:
-            if self.dataloader.sampler is not None and hasattr(self.dataloader.sampler, "set_epoch"):
-                self.dataloader.sampler.set_epoch(epoch)
-            for batch in self.dataloader:
-                if skip:
-                    skip -= 1
-                    continue
-                yield batch
-            epoch += 1
-
     # ---- generation ----------------------------------------------------------------------------
     def _generation_context(self):
         """Under ZeRO-3 the policy's parameters are gathered once for the whole rollout and the
         per-module gather hooks are lifted, instead of a gather per layer per generated token."""
         if self.engine.zero_stage != 3:
             return contextlib.nullcontext()
-        return _whole_model(self.engine.deepspeed)
+        return whole_model(self.engine.deepspeed)
 
     @torch.no_grad()
     def generate(self, query_tensor, length_sampler=None, batch_size: int = 4, return_prompt: bool = True,
@@ -410,35 +171,9 @@ class PPOTrainer(Checkpointing):
                                    context, generation_kwargs)
 
     def _generate(self, model, query_tensor, length_sampler, batch_size, return_prompt, remove_padding, context, kwargs):
-        device = self.engine.device
-        single = torch.is_tensor(query_tensor) and query_tensor.dim() == 1
-        queries = [query_tensor] if single else list(query_tensor)
-        was = model.training
-        model.eval()
-        outputs = []
-        try:
-            with context:
-                for start in range(0, len(queries), batch_size):
-                    chunk = [q.to(device).long() for q in queries[start:start + batch_size]]
-                    if length_sampler is not None:
-                        kwargs["max_new_tokens"] = length_sampler()
-                    width = max(len(q) for q in chunk)
-                    ids = torch.full((len(chunk), width), self.tokenizer.pad_token_id, dtype=torch.long, device=device)
-                    attention = torch.zeros_like(ids)
-                    for k, q in enumerate(chunk):  # left padding
-                        ids[k, width - len(q):] = q
-                        attention[k, width - len(q):] = 1
-                    generated = model.generate(input_ids=ids, attention_mask=attention, **kwargs)
-                    for k, q in enumerate(chunk):
-                        new = generated[k, width:]
-                        if remove_padding and kwargs.get("eos_token_id") is not None:
-                            ends = (new == kwargs["eos_token_id"]).nonzero()
-                            if len(ends):
-                                new = new[:int(ends[0]) + 1]  # keep the end-of-sequence token
-                        outputs.append(torch.cat([q, new]) if return_prompt else new)
-        finally:
-            model.train(was)
-        return outputs[0].unsqueeze(0) if single else outputs
+        return generate_responses(model, query_tensor, device=self.engine.device, pad_token_id=self.tokenizer.pad_token_id,
+                                  length_sampler=length_sampler, batch_size=batch_size, return_prompt=return_prompt,
+                                  remove_padding=remove_padding, context=context, kwargs=kwargs)
 
     # ---- scoring with a reward model -----------------------------------------------------------
     @torch.no_grad()
@@ -498,7 +233,7 @@ class PPOTrainer(Checkpointing):
                     policy = self.engine.forward(
                         functools.partial(packed_logprobs_and_values, self.model, positions=pos), batch)
                     ref_logp, ref_hidden, ref = self._reference_outputs(batch, pos)
-                    kls = _full_kl(self.model, policy.hidden, ref, ref_hidden) if full else None
+                    kls = full_kl(self.model, policy.hidden, ref, ref_hidden) if full else None
                 if not samples:
                     continue
                 dest = rollout.positions(samples)
@@ -514,38 +249,6 @@ class PPOTrainer(Checkpointing):
         return rollout
 
     # ---- one PPO step --------------------------------------------------------------------------
-    def _check_step_inputs(self, queries, responses, scores, response_masks):
-        bs = self.config.batch_size
-        named = {"queries": queries, "responses": responses, "scores": scores}
-        if response_masks is not None:
-            named["response_masks"] = response_masks
-        for name, value in named.items():
-            if not isinstance(value, (list, tuple)) and not torch.is_tensor(value):
-                raise TypeError(f"{name} must be a list, got {type(value).__name__}")
-            if len(value) != bs:
-                raise ValueError(f"batch_size is {bs} but {name} holds {len(value)} samples")
-        weight = self.model.get_output_embeddings().weight
-        vocab = getattr(weight, "ds_shape", weight.shape)[0]  # ZeRO-3: the whole shape, not the local shard
-        for name in ("queries", "responses"):
-            for i, t in enumerate(named[name]):
-                if not torch.is_tensor(t) or t.dim() != 1 or t.dtype.is_floating_point:
-                    raise TypeError(f"{name}[{i}] must be a 1-D tensor of token ids")
-                if t.numel() == 0:
-                    raise ValueError(f"{name}[{i}] is empty: PPO needs at least one token in every query and response")
-                bad = ((t < 0) | (t >= vocab)).nonzero()
-                if len(bad):
-                    raise ValueError(f"{name}[{i}], position {int(bad[0])}: token id {int(t[bad[0]])} is outside the "
-                                     f"vocabulary [0, {vocab})")
-        if response_masks is not None:
-            for i, (rm, r) in enumerate(zip(response_masks, responses)):
-                if rm.shape != r.shape:
-                    raise ValueError(f"response_masks[{i}] has shape {tuple(rm.shape)}, response {i} has {tuple(r.shape)}")
-        scores = torch.stack([torch.as_tensor(s, dtype=torch.float32).reshape(()) for s in scores]).to(self.engine.device)
-        bad = (~torch.isfinite(scores)).nonzero()
-        if len(bad):
-            raise ValueError(f"scores[{int(bad[0])}] is {float(scores[bad[0]])}: every score must be finite")
-        return list(queries), list(responses), scores, response_masks
-
     def _process_scores(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scores to train on, every process's raw scores)``: scaled by the running standard
         deviation of all scores so far (and centred with ``use_score_norm``), then clipped."""
@@ -630,7 +333,11 @@ class PPOTrainer(Checkpointing):
         response token (0: not the policy's, e.g. a tool's output; no loss, no KL there). Returns
         the stats (TRL's names; distributions as 1-D arrays, the rest floats)."""
         began = time.perf_counter()
-        queries, responses, scores, response_masks = self._check_step_inputs(queries, responses, scores, response_masks)
+        weight = self.model.get_output_embeddings().weight
+        vocab = getattr(weight, "ds_shape", weight.shape)[0]  # ZeRO-3: the whole shape, not the local shard
+        queries, responses, scores, response_masks = check_step_inputs(
+            queries, responses, scores, response_masks, batch_size=self.config.batch_size, vocab=vocab,
+            device=self.engine.device)
         scores, raw = self._process_scores(scores)
         self._timing, self._t = {}, time.perf_counter()
         r = self._rollout(queries, responses, response_masks)
@@ -640,7 +347,8 @@ class PPOTrainer(Checkpointing):
         self._timing_mark("time/ppo/compute_advantages")
         mini_stats, epochs = self._optimize(r)
         self._timing_mark("time/ppo/optimize_step")
-        stats = self._step_stats(r, raw, mini_stats, epochs)
+        stats = step_stats(r, raw, mini_stats, epochs, device=self.engine.device, world_size=self.world_size,
+                           kl_coef=self.kl_ctl.value, learning_rate=self.optimizer.param_groups[0]["lr"])
         self._timing_mark("time/ppo/calc_stats")
         stats.update(self._timing)
         stats["time/ppo/total"] = time.perf_counter() - began
@@ -649,44 +357,6 @@ class PPOTrainer(Checkpointing):
             self.lr_scheduler.step()
         self.global_step += 1
         self.last_rollout = r
-        return stats
-
-    def _step_stats(self, r: Rollout, raw: torch.Tensor, mini_stats: list[dict], epochs: int) -> dict:
-        mask = r.mask
-        kl_per_sample = segment_sum(r.kls * mask, cu_seqlens=r.cu)
-        entropy = segment_sum(-r.logprobs * mask, cu_seqlens=r.cu)
-        q_len = torch.tensor([len(q) for q in r.queries], dtype=torch.float32)
-        a_len = torch.tensor([len(a) for a in r.responses], dtype=torch.float32)
-        scalars = {
-            "objective/kl": kl_per_sample.mean(), "objective/entropy": entropy.mean(),
-            "ppo/mean_non_score_reward": masked_mean(r.non_score_rewards, mask),
-            "tokens/queries_len_mean": q_len.mean(), "tokens/queries_len_std": _std(q_len),
-            "tokens/responses_len_mean": a_len.mean(), "tokens/responses_len_std": _std(a_len),
-        }
-        for key in mini_stats[0]:
-            if key not in ("policy/advantages", "policy/ratio"):
-                scalars[f"ppo/{key}"] = torch.stack([torch.as_tensor(s[key]).float() for s in mini_stats]).mean()
-        names = sorted(scalars)
-        values = distributed.all_reduce_sum([float(scalars[k]) for k in names], self.engine.device)
-        stats = {k: v / self.world_size for k, v in zip(names, values)}
-        # Scores: statistics over every process's (the raw ones come gathered already).
-        scaled = torch.tensor(distributed.all_gather_floats(r.scores.tolist(), self.engine.device))
-        stats["ppo/mean_scores"], stats["ppo/std_scores"] = float(scaled.mean()), _std(scaled)
-        stats["ppo/val/var_explained"] = 1 - stats["ppo/val/error"] / stats["ppo/returns/var"]
-        stats["objective/kl_coef"] = self.kl_ctl.value
-        stats["ppo/learning_rate"] = self.optimizer.param_groups[0]["lr"]
-        stats["ppo/epochs"] = epochs
-        stats["env/reward_mean"] = float(raw.mean())
-        stats["env/reward_std"] = _std(raw)
-        if stats["objective/kl"] < -1.0:
-            warnings.warn(f"the KL estimate is negative ({stats['objective/kl']:.2f}): sampling is probably not from "
-                          "the policy (check the generation kwargs: no top_k/top_p/min_length truncation)", stacklevel=3)
-        stats.update({
-            "objective/kl_dist": kl_per_sample.cpu().numpy(), "tokens/queries_dist": q_len.numpy(),
-            "tokens/responses_dist": a_len.numpy(), "env/reward_dist": raw.cpu().numpy(),
-            "ppo/policy/advantages": torch.cat([s["policy/advantages"].flatten() for s in mini_stats]).cpu().numpy(),
-            "ppo/policy/ratio": torch.cat([s["policy/ratio"].flatten() for s in mini_stats]).cpu().numpy(),
-        })
         return stats
 
     # ---- the loop over a prompt dataset --------------------------------------------------------
@@ -716,7 +386,7 @@ class PPOTrainer(Checkpointing):
                                     enabled=distributed.is_main(), show_bar=not c.disable_tqdm, bar_keys=BAR_KEYS,
                                     bar_initial=start)
         began, last = time.perf_counter(), {}
-        batches = self._prompt_batches(skip=start)
+        batches = endless(self.dataloader, skip=start)
         try:
             for _ in range(start, total):
                 batch = next(batches)
@@ -760,36 +430,3 @@ class PPOTrainer(Checkpointing):
         self.perm_generator.set_state(ppo["perm"])
         if self.lr_scheduler is not None and ppo.get("lr_scheduler") is not None:
             self.lr_scheduler.load_state_dict(ppo["lr_scheduler"])
-
-
-def _full_kl(policy, hidden, ref, ref_hidden, chunk: int = 256) -> torch.Tensor:
-    """Exact KL(policy || reference) over the vocabulary at each row of ``hidden`` (fp32 ``[M]``),
-    the logits of ``chunk`` tokens at a time."""
-    w, b = lm_head(policy)
-    rw, rb = lm_head(ref)
-    out = []
-    with gathered(w, b), gathered(rw, rb):
-        for s in range(0, hidden.shape[0], chunk):
-            x = torch.nn.functional.linear(hidden[s:s + chunk], w, b)
-            y = torch.nn.functional.linear(ref_hidden[s:s + chunk], rw, rb)
-            out.append(kl_penalty(x, y, "full"))
-    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
-
-
-def _std(x: torch.Tensor) -> float:
-    """Unbiased standard deviation; 0 for a single value."""
-    return float(x.std()) if x.numel() > 1 else 0.0
-
-
-@contextlib.contextmanager
-def _whole_model(ds_engine):
-    """ZeRO-3: every parameter gathered once, the per-module fetch/release hooks lifted meanwhile."""
-    import deepspeed
-
-    offload = ds_engine.optimizer.parameter_offload
-    with deepspeed.zero.GatheredParameters(list(ds_engine.module.parameters()), modifier_rank=None):
-        offload._remove_module_hooks()
-        try:
-            yield
-        finally:
-            offload.setup_zero_stage3_hooks()

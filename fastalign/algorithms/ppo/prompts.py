@@ -1,0 +1,40 @@
+"""PPO's prompts: a data loader of ``batch_size`` prompt rows at a time (each process its own share
+of every epoch, shuffled from the seed), read epoch after epoch."""
+
+from __future__ import annotations
+
+import torch
+
+from fastalign.engine import distributed
+
+
+def dict_of_lists(rows: list[dict]) -> dict[str, list]:
+    """The default collator: a batch of rows as one list per column."""
+    return {key: [row[key] for row in rows] for key in rows[0]}
+
+
+def prompt_loader(dataset, batch_size: int, seed: int, collate_fn):
+    """Batches of ``batch_size`` rows of ``dataset`` (the last partial one dropped), shuffled from
+    ``seed``; with several processes each gets its own share (a ``DistributedSampler``)."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    sampler = None
+    if distributed.world_size() > 1:
+        sampler = DistributedSampler(dataset, num_replicas=distributed.world_size(), rank=distributed.rank(),
+                                     shuffle=True, seed=seed, drop_last=True)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler, drop_last=True,
+                      collate_fn=collate_fn, generator=torch.Generator().manual_seed(seed) if sampler is None else None)
+
+
+def endless(dataloader, skip: int = 0):
+    """``dataloader``'s batches, epoch after epoch, after skipping ``skip`` (a resumed run)."""
+    epoch = 0
+    while True:
+        if dataloader.sampler is not None and hasattr(dataloader.sampler, "set_epoch"):
+            dataloader.sampler.set_epoch(epoch)
+        for batch in dataloader:
+            if skip:
+                skip -= 1
+                continue
+            yield batch
+        epoch += 1

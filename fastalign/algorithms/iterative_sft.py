@@ -84,7 +84,7 @@ import torch
 from transformers import get_scheduler, set_seed
 
 from fastalign.data import IGNORE_INDEX, PackedBatch, Sequence, pack, plan_batches
-from fastalign.data.formats import Texts, _with_eos, check_truncation, kept_part
+from fastalign.data.rows import Texts, check_truncation, kept_part, with_eos
 from fastalign.engine import Engine, TrainingConfig, distributed
 from fastalign.engine.engine import adamw
 from fastalign.engine.metrics import MetricsLogger
@@ -196,7 +196,7 @@ class IterativeSFTTrainer(LossPasses):
         for i, (prompt_slot, completion_slot) in enumerate(slots):
             prompt = batch[prompt_slot]
             completion = batch[completion_slot] if completion_slot is not None else []
-            ids = _with_eos(self.tokenizer, prompt + completion)
+            ids = with_eos(self.tokenizer, prompt + completion)
             target = ids if completions is None else [IGNORE_INDEX] * len(prompt) + ids[len(prompt):]
             rows.append(_Row(i, ids, target))
         return rows

@@ -1,4 +1,5 @@
-"""Data: reading datasets, tokenized sequences and preference pairs, padding-free packing, PackedBatch."""
+"""Data: reading datasets, row checks (``rows``), tokenizing into memory-mapped token stores
+(``store``: SFT rows, preference pairs), padding-free packing, PackedBatch."""
 
 from .formats import SFTEncoder, TokenizeReport, tokenize_sft
 from .loading import load_rows

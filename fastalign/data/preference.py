@@ -29,7 +29,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .formats import Texts, TokenizeReport, _bad, _column, _ids, _messages, _pretokenized, _text, _with_eos, check_truncation
+from .formats import TokenizeReport
+from .rows import Texts, check_truncation, encode, row_error, row_messages, row_text, row_token_ids, row_value, with_eos
 from .packing import Sequence
 
 
@@ -64,7 +65,7 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 def _attended(row, i, half) -> list[int]:
     """The pre-tokenized ids of one half where its attention mask (if any) is 1."""
-    ids, mask = _pretokenized(row, i, f"input_ids_{half}", f"attention_mask_{half}", "entries")
+    ids, mask = row_token_ids(row, i, f"input_ids_{half}", f"attention_mask_{half}", "entries")
     return ids if mask is None else [t for t, m in zip(ids, mask) if m]
 
 
@@ -76,13 +77,13 @@ def _parse(tokenizer, row, i, texts: Texts):
         n = _common_prefix(full_c, full_r)
         return "ids", (full_c[:n], full_c[n:], full_r[:n], full_r[n:])
     for column in ("chosen", "rejected"):
-        _column(row, i, column)  # a missing one named first, whatever else is wrong
+        row_value(row, i, column)  # a missing one named first, whatever else is wrong
     if isinstance(row["chosen"], list):  # conversational
-        chosen, rejected = _messages(row, i, "chosen"), _messages(row, i, "rejected")
-        render = lambda msgs, gen=False: _ids(  # noqa: E731
+        chosen, rejected = row_messages(row, i, "chosen"), row_messages(row, i, "rejected")
+        render = lambda msgs, gen=False: encode(  # noqa: E731
             tokenizer, tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen), special=False)
         if row.get("prompt") is not None:
-            prompt = _messages(row, i, "prompt")
+            prompt = row_messages(row, i, "prompt")
             prompt_ids = render(prompt, gen=True)
             full_c, full_r = render(prompt + chosen), render(prompt + rejected)
         else:
@@ -90,11 +91,11 @@ def _parse(tokenizer, row, i, texts: Texts):
             prompt_ids = full_c[:_common_prefix(full_c, full_r)]
         return "split", (prompt_ids, full_c, full_r)
     if row.get("prompt") is not None:  # explicit prompt
-        prompt = _text(row, i, "prompt")
-        return "texts", (texts.add(prompt, True), texts.add(prompt + _text(row, i, "chosen"), True),
-                         texts.add(prompt + _text(row, i, "rejected"), True))
+        prompt = row_text(row, i, "prompt")
+        return "texts", (texts.add(prompt, True), texts.add(prompt + row_text(row, i, "chosen"), True),
+                         texts.add(prompt + row_text(row, i, "rejected"), True))
     # implicit prompt
-    return "texts", (None, texts.add(_text(row, i, "chosen"), True), texts.add(_text(row, i, "rejected"), True))
+    return "texts", (None, texts.add(row_text(row, i, "chosen"), True), texts.add(row_text(row, i, "rejected"), True))
 
 
 def _split(tokenizer, kind, what, texts: Texts) -> tuple[list[int], list[int], list[int], list[int]]:
@@ -106,7 +107,7 @@ def _split(tokenizer, kind, what, texts: Texts) -> tuple[list[int], list[int], l
     else:
         full_c, full_r = texts[what[1]], texts[what[2]]
         prompt_ids = texts[what[0]] if what[0] is not None else full_c[:_common_prefix(full_c, full_r)]
-    full_c, full_r = _with_eos(tokenizer, full_c), _with_eos(tokenizer, full_r)
+    full_c, full_r = with_eos(tokenizer, full_c), with_eos(tokenizer, full_r)
     n_c, n_r = _common_prefix(prompt_ids, full_c), _common_prefix(prompt_ids, full_r)
     return full_c[:n_c], full_c[n_c:], full_r[:n_r], full_r[n_r:]
 
@@ -116,7 +117,7 @@ def _margin(row, i):
         return None
     value = row["margin"]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise _bad(i, "margin", f"expected a finite number, got {value!r}")
+        raise row_error(i, "margin", f"expected a finite number, got {value!r}")
     return float(value)
 
 

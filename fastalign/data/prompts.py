@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import datasets
 import torch
 
-from .formats import Texts
+from .rows import Texts
 
 ASSISTANT = "\n\nAssistant:"
 

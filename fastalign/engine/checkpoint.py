@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastalign.models.loading import load_model_weights  # noqa: F401  (the checkpoint API: models load themselves)
+
 from . import distributed
 
 STATE_FILE = "trainer_state.pt"
@@ -132,33 +134,6 @@ def save_checkpoint(output_dir, step: int, model, tokenizer, trainer_state: dict
                 shutil.rmtree(stale)
     distributed.barrier()
     return final
-
-
-def load_model_weights(model, checkpoint: Path, exclude=()) -> None:
-    """Load the weights ``save_pretrained`` wrote in ``checkpoint`` into ``model`` (PEFT or not);
-    a model with its own ``load_saved_weights`` (the value-head model) loads itself."""
-    from safetensors.torch import load_file
-
-    checkpoint = Path(checkpoint)
-    if hasattr(model, "load_saved_weights"):
-        model.load_saved_weights(checkpoint)
-        return
-    if hasattr(model, "peft_config"):
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(model, load_file(checkpoint / "adapter_model.safetensors"))
-        return
-    files = sorted(f for f in checkpoint.glob("*.safetensors") if f.name not in exclude)
-    if not files:
-        raise FileNotFoundError(f"{checkpoint} holds no .safetensors weights")
-    state = {}
-    for f in files:
-        state.update(load_file(f))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    missing = [k for k in missing if k not in tied]
-    if missing or unexpected:
-        raise ValueError(f"{checkpoint}: weights do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
 
 
 def load_trainer_state(checkpoint: Path) -> dict:

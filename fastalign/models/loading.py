@@ -15,6 +15,7 @@ cost of the row length squared.
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import torch
 
@@ -123,3 +124,30 @@ def prepare_model(model, tokenizer=None, peft_config=None, loader=load_model):
 
         model = get_peft_model(model, peft_config)
     return model, tokenizer, report
+
+
+def load_model_weights(model, checkpoint, exclude=()) -> None:
+    """Load the weights ``save_pretrained`` wrote in ``checkpoint`` into ``model`` (PEFT or not);
+    a model with its own ``load_saved_weights`` (the value-head model) loads itself."""
+    from safetensors.torch import load_file
+
+    checkpoint = Path(checkpoint)
+    if hasattr(model, "load_saved_weights"):
+        model.load_saved_weights(checkpoint)
+        return
+    if hasattr(model, "peft_config"):
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(checkpoint / "adapter_model.safetensors"))
+        return
+    files = sorted(f for f in checkpoint.glob("*.safetensors") if f.name not in exclude)
+    if not files:
+        raise FileNotFoundError(f"{checkpoint} holds no .safetensors weights")
+    state = {}
+    for f in files:
+        state.update(load_file(f))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise ValueError(f"{checkpoint}: weights do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")

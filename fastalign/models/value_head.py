@@ -101,7 +101,7 @@ class CausalLMWithValueHead(nn.Module):
         """Load what ``save_pretrained`` wrote in ``path`` (a checkpoint) into this model."""
         from safetensors.torch import load_file
 
-        from fastalign.engine.checkpoint import load_model_weights
+        from .loading import load_model_weights
 
         load_model_weights(self.pretrained_model, path, exclude=(HEAD_FILE,))
         state = load_file(str(Path(path) / HEAD_FILE))

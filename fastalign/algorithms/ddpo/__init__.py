@@ -49,7 +49,10 @@ in diffusers format, or only the LoRA weights (``pytorch_lora_weights.safetensor
 """
 
 from .config import DDPOConfig
-from .pipeline import TINY_PIPELINE, image_grid, prompt_function, reward_function
+from fastalign.tasks.registry import image_reward as reward_function
+from fastalign.tasks.registry import prompt_function
+
+from .pipeline import TINY_PIPELINE, image_grid
 from .trainer import DDPOTrainer
 
 __all__ = ["DDPOConfig", "DDPOTrainer", "TINY_PIPELINE", "image_grid", "prompt_function", "reward_function"]

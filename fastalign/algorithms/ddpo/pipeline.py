@@ -1,5 +1,5 @@
-"""DDPO's pipeline and named functions: loading a Stable Diffusion pipeline with a DDIM scheduler,
-placing its parts, reward and prompt functions by name, and an image grid of samples."""
+"""DDPO's pipeline: loading a Stable Diffusion pipeline with a DDIM scheduler, placing its parts,
+and an image grid of samples (reward and prompt functions by name: ``fastalign.tasks.registry``)."""
 
 from __future__ import annotations
 
@@ -9,25 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastalign.algorithms.ppo.rewards import named_function
 
 TINY_PIPELINE = "fastalign/tiny-sd"  # the built-in pipeline: random weights, 64 x 64 images
-
-
-def reward_function(spec: str):
-    """A DDPO reward by name: ``jpeg_compressibility``, ``jpeg_incompressibility`` or
-    ``package.module:function``."""
-    from fastalign.tasks.compressibility import jpeg_compressibility, jpeg_incompressibility
-
-    return named_function(spec, {"jpeg_compressibility": jpeg_compressibility,
-                                 "jpeg_incompressibility": jpeg_incompressibility})
-
-
-def prompt_function(spec: str):
-    """A prompt function by name: ``animals`` (simple animal names) or ``package.module:function``."""
-    from fastalign.tasks.compressibility import animal_prompt
-
-    return named_function(spec, {"animals": animal_prompt}, "prompt_function")
 
 
 def load_pipeline(pipeline):

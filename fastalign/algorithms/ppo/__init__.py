@@ -31,7 +31,9 @@ gradient is the mean over processes, the stats and the score statistics are glob
 
 from .config import KL_PENALTIES, LengthSampler, PPOConfig
 from .reference import create_reference_model
-from .rewards import BUILTIN_REWARDS, named_function, reward_function
+from fastalign.tasks.registry import TEXT_REWARDS as BUILTIN_REWARDS
+from fastalign.tasks.registry import named_function
+from fastalign.tasks.registry import text_reward as reward_function
 from .rollout import Rollout
 from .trainer import PPOTrainer
 

@@ -1,0 +1,52 @@
+"""Named functions, one registry: what a config's ``reward_function`` or ``prompt_function`` names.
+
+A name is a built-in below or ``package.module:function``. PPO's rewards score texts
+(``(queries, responses) -> one float each``); DDPO's score images (``(images, prompts, metadata)
+-> (rewards, metadata)``); DDPO's prompt functions return ``(prompt, metadata)``.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from .compressibility import animal_prompt, jpeg_compressibility, jpeg_incompressibility
+from .sort_digits import sortedness_reward
+
+
+def sort_digits_reward(queries, responses) -> list[float]:
+    """PPO's reward on the built-in task: the graded sortedness of each response to its query."""
+    return [sortedness_reward(q, r) for q, r in zip(queries, responses)]
+
+
+TEXT_REWARDS = {"sort_digits": sort_digits_reward}
+IMAGE_REWARDS = {"jpeg_compressibility": jpeg_compressibility, "jpeg_incompressibility": jpeg_incompressibility}
+PROMPTS = {"animals": animal_prompt}
+
+
+def named_function(spec: str, builtins: dict, kind: str = "reward_function"):
+    """A function by name: one of ``builtins`` or ``package.module:function``."""
+    if spec in builtins:
+        return builtins[spec]
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise ValueError(f"{kind} {spec!r}: expected one of {sorted(builtins)} or 'package.module:function'")
+    fn = getattr(importlib.import_module(module), name, None)
+    if not callable(fn):
+        raise ValueError(f"{kind} {spec!r}: {module} has no function {name!r}")
+    return fn
+
+
+def text_reward(spec: str):
+    """PPO's reward function by name (``sort_digits``) or ``package.module:function``."""
+    return named_function(spec, TEXT_REWARDS)
+
+
+def image_reward(spec: str):
+    """DDPO's reward function by name (``jpeg_compressibility``, ``jpeg_incompressibility``) or
+    ``package.module:function``."""
+    return named_function(spec, IMAGE_REWARDS)
+
+
+def prompt_function(spec: str):
+    """DDPO's prompt function by name (``animals``: simple animal names) or ``package.module:function``."""
+    return named_function(spec, PROMPTS, "prompt_function")

@@ -208,10 +208,13 @@ def table(summary: dict, meta: dict) -> str:
         f"{'peak GPU memory' if gpu else 'peak RSS'} | target |",
         "|---|---|---|---|---|---|",
     ]
+
+    def each(xs):
+        return ", ".join(f"{x:.2f}" for x in xs)
+
     for algo, per in summary.items():
         for key, r in per["ratios"].items():
             a, b = key.split("/")
-            each = lambda xs: ", ".join(f"{x:.2f}" for x in xs)
             lines.append(
                 f"| {NAMES[algo]} | {LABELS[a]} vs {LABELS[b]} | **{med(r['speedup']):.2f}x** ({each(r['speedup'])}) | "
                 f"{med(r['cpu_speedup']):.2f}x ({each(r['cpu_speedup'])}) | **{med(r['memory']):.2f}x** "
@@ -233,7 +236,9 @@ def chart(summary: dict, path: Path, meta: dict) -> None:
     import matplotlib.pyplot as plt
 
     algos = list(summary)
-    ran = lambda a, s: "error" not in summary[a]["systems"].get(s, {"error": ""})
+    def ran(a, s):
+        return "error" not in summary[a]["systems"].get(s, {"error": ""})
+
     systems = [s for s in SYSTEMS if any(ran(a, s) for a in algos)]
     colors = {"fastalign": "#1f77b4", "fastalign-ckpt": "#9ecae1", "trl": "#ff7f0e", "trl-ckpt": "#fdae6b",
               "trl-liger": "#2ca02c"}

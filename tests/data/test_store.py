@@ -10,7 +10,7 @@ import pytest
 
 from fastalign.algorithms import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 from fastalign.data import SFTEncoder, pack_all, tokenize_sft
-from fastalign.data.store import SFT_HALVES, TokenStore, sft_store, tokenize_rows
+from fastalign.data.store import SFT_HALVES, sft_store, tokenize_rows
 from fastalign.engine.metrics import read_metrics
 from fastalign.models.tiny import char_tokenizer, tiny_model
 from fastalign.tasks.sort_digits import make_preference_pairs

@@ -44,10 +44,10 @@ import torch
 
 torch.set_num_threads(1)
 
-from fastalign.algorithms.iterative_sft import IterativeSFTConfig, IterativeSFTTrainer
-from fastalign.data import IGNORE_INDEX
-from fastalign.models.packed import gathered
-from fastalign.models.tiny import char_tokenizer, tiny_model
+from fastalign.algorithms.iterative_sft import IterativeSFTConfig, IterativeSFTTrainer  # noqa: E402
+from fastalign.data import IGNORE_INDEX  # noqa: E402
+from fastalign.models.packed import gathered  # noqa: E402
+from fastalign.models.tiny import char_tokenizer, tiny_model  # noqa: E402
 
 STEPS = 3
 ROWS = 9

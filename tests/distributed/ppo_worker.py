@@ -101,11 +101,11 @@ def counting():
         _COUNTING.counts = None
 
 
-from fastalign.algorithms.ppo import PPOConfig, PPOTrainer
-from fastalign.data import plan_batches
-from fastalign.models import CausalLMWithValueHead, as_reward_model
-from fastalign.models.tiny import char_tokenizer, tiny_model
-from fastalign.tasks.sort_digits import make_rows
+from fastalign.algorithms.ppo import PPOConfig, PPOTrainer  # noqa: E402
+from fastalign.data import plan_batches  # noqa: E402
+from fastalign.models import CausalLMWithValueHead, as_reward_model  # noqa: E402
+from fastalign.models.tiny import char_tokenizer, tiny_model  # noqa: E402
+from fastalign.tasks.sort_digits import make_rows  # noqa: E402
 
 HORIZON = 50  # per process: the KL coefficient moves by 16 % of its error per step, visibly
 STEPS = 3

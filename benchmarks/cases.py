@@ -11,6 +11,8 @@ peak memory compare like for like:
   folded by a Triton kernel on CUDA and by torch ops elsewhere. Needs ``trl`` importable (a peer,
   never a dependency: ``pip install --no-deps trl``); skipped otherwise.
 - ``fastalign torch`` / ``fastalign triton``: ``linear_logprobs`` on that path.
+- ``fastalign fused``: ``fastalign.kernels.fused_head.fused_linear_logprobs``, the ``tl.dot`` lm_head
+  that keeps the logits on chip (CUDA only; skipped while that module does not exist).
 
 ``fused_preference_loss`` (DPO sigmoid loss from hidden states, forward+backward) runs 16
 sequences (8 pairs) of ``n / 16`` tokens each, the first quarter of each being prompt:
@@ -80,8 +82,15 @@ GPU_CASES = [
     Case("fused_preference_loss", 16 * 1024, 4096, 128256, dt) for dt in ("bf16", "fp32")
 ]
 
+# The GPU acceptance session (benchmarks/gpu_session.sh): the two shapes its table reports, bf16.
+SESSION_CASES = [
+    Case("selective_logprobs", 8192, 0, 128256, "bf16"),
+    Case("linear_logprobs", 16384, 4096, 128256, "bf16"),
+]
+
 PATHS = {
-    "linear_logprobs": ["lm_head matmuls", "naive", "liger", "trl chunked", "fastalign torch", "fastalign triton"],
+    "linear_logprobs": ["lm_head matmuls", "naive", "liger", "trl chunked", "fastalign torch", "fastalign triton",
+                        "fastalign fused"],
     "selective_logprobs": ["naive", "fastalign torch", "fastalign triton"],
     "fused_preference_loss": ["naive", "liger", "trl chunked", "fastalign torch", "fastalign triton"],
 }
@@ -90,6 +99,8 @@ PATHS = {
 def cases(device: str) -> list[Case]:
     if os.environ.get("FASTALIGN_BENCH_QUICK") == "1":
         return QUICK_CASES
+    if os.environ.get("FASTALIGN_BENCH_SESSION") == "1":
+        return SESSION_CASES
     return GPU_CASES if device == "cuda" else CPU_CASES
 
 
@@ -112,8 +123,10 @@ def unavailable(path: str, device: str, case: Case) -> str | None:
         if need > 0.8 * have:
             return (f"the naive path needs about {need / 2**30:.0f} GiB at this shape, more than this machine's "
                     f"{have / 2**30:.0f} GiB allow")
-    if path == "fastalign triton" and device != "cuda":
+    if path in ("fastalign triton", "fastalign fused") and device != "cuda":
         return "the triton path runs natively only on CUDA (interpreted it measures nothing useful)"
+    if path == "fastalign fused" and fused_head() is None:
+        return "fastalign.kernels.fused_head does not export fused_linear_logprobs (yet)"
     if path == "liger":
         try:
             import liger_kernel  # noqa: F401
@@ -127,6 +140,15 @@ def unavailable(path: str, device: str, case: Case) -> str | None:
         except ImportError:
             return "trl is not installed in this environment (pip install --no-deps trl)"
     return None
+
+
+def fused_head():
+    """``fastalign.kernels.fused_head.fused_linear_logprobs`` (the tl.dot lm_head), or None."""
+    try:
+        from fastalign.kernels.fused_head import fused_linear_logprobs
+    except ImportError:
+        return None
+    return fused_linear_logprobs
 
 
 def trl_logprobs(hidden, weight, labels):
@@ -246,6 +268,8 @@ def runner(case: Case, path: str):
             (out[0] if isinstance(out, tuple) else out).backward(g)
         elif path == "trl chunked":
             trl_logprobs(h, w, y).backward(g)
+        elif path == "fastalign fused":
+            fused_head()(h, w, y).backward(g)
         else:
             linear_logprobs(h, w, y, backend=path.split()[-1]).backward(g)
         h.grad = w.grad = None

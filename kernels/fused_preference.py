@@ -32,7 +32,7 @@ from typing import NamedTuple
 
 import torch
 
-from .linear_logprobs import CHUNK_BYTES, chunk_logits, linear_logprobs
+from .linear_logprobs import CHUNK_BYTES, chunk_logits, chunk_plan, linear_logprobs
 from .logprobs import check_labels, make_options, row_grad, row_stats
 from .preference import COUPLED_LOSS_TYPES, preference_loss
 from .segments import packed_layout
@@ -67,11 +67,11 @@ def _pair_layout(seq_index, n_seq, chosen, rejected):
     return pair_of_seq[seq_index], role_of_seq[seq_index]
 
 
-def _chunks_of_pairs(pair_t, n_pairs, vocab):
-    """Loss positions grouped by pair, then cut into chunks of whole pairs within CHUNK_BYTES."""
+def _chunks_of_pairs(pair_t, n_pairs, budget):
+    """Loss positions grouped by pair, then cut into chunks of whole pairs of about ``budget`` rows
+    (a pair longer than that is a chunk of its own)."""
     order = torch.argsort(pair_t, stable=True)
     counts = torch.bincount(pair_t, minlength=n_pairs).tolist()
-    budget = max(1, CHUNK_BYTES // (4 * vocab))
     chunks, start, rows, first = [], 0, 0, 0
     for p, c in enumerate(counts):
         if rows and rows + c > budget:
@@ -130,11 +130,13 @@ class _FusedSeparable(torch.autograd.Function):
         grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[2] else None
         pi = torch.zeros(2, n_pairs, device=hidden.device)
         losses, rewards = [], []
-        for rows, p0, p1 in _chunks_of_pairs(pair_t, n_pairs, weight.shape[0]):
+        # Chunks sized for the device, logits in the dtype the path's row ops read (as linear_logprobs).
+        plan = chunk_plan(pos.numel(), weight.shape[0], weight.dtype, hidden.device, opts.backend, cpu_bytes=CHUNK_BYTES)
+        for rows, p0, p1 in _chunks_of_pairs(pair_t, n_pairs, plan.rows):
             h = hidden[pos[rows]]
             yc, pc, rc = y[rows], pair_t[rows] - p0, role_t[rows]
             # 1. The chunk's logits, reduced to per-token log-probs, then per-sequence sums.
-            z = chunk_logits(h, weight, bias).unsqueeze(0)
+            z = chunk_logits(h, weight, bias, plan.logits_dtype).unsqueeze(0)
             if opts.backend == "torch":
                 logp, row_sums = _logp_in_place(z[0], yc, opts.temperature)
             else:
@@ -155,13 +157,13 @@ class _FusedSeparable(torch.autograd.Function):
                 _grad_in_place(z[0], yc, row_sums, g_t, opts.temperature)
             else:
                 row_grad(z, z, yc.unsqueeze(0), norm, None, g_t.unsqueeze(0), None, opts)
-            d = z[0].to(weight.dtype) if weight.dtype != torch.float32 else z[0]
+            d = z[0].to(weight.dtype)  # no copy on the Triton path: the logits are in that dtype
             if grad_h is not None:
                 grad_h.index_add_(0, pos[rows], (d @ weight).float())
             if grad_w is not None:
                 _add_weight_grad(grad_w, d, h)
             if grad_b is not None:
-                grad_b += z[0].sum(0)
+                grad_b += z[0].sum(0, dtype=torch.float32)
             del z, d  # free this chunk's logits before the next chunk's exist
         ctx.grads = (grad_h, grad_w, grad_b)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)

@@ -17,15 +17,19 @@ reproduces that exactly. ``compute_advantages`` adds TRL's bookkeeping: optional
 Three paths for the scan:
 
 - Triton: each program owns a block of rows and walks time backwards in tiles of ``BLOCK_T``
-  steps. A tile is loaded latest step first, so the recurrence runs forwards in load order:
-  ``A_k = delta_k + c A_{k-1}``, one affine step ``A <- b + a A`` per element with ``(a, b) =
-  (c, delta)``. Affine steps compose associatively,
+  steps. A tile is loaded in ascending steps (contiguous loads) and scanned from its latest step
+  back, ``A_t = delta_t + c A_{t+1}``: one affine step ``A <- b + a A`` per element with
+  ``(a, b) = (c, delta)``. Affine steps compose associatively,
 
       (a_1, b_1) then (a_2, b_2) = (a_1 a_2, b_2 + a_2 b_1),
 
-  so ``tl.associative_scan`` solves the tile at once; the advantage carried in from the later tile
-  is folded into the first element (``b_0 = delta_0 + c A_carry``), and the tile's last element
-  (its earliest step) is the carry for the tile before it.
+  so ``tl.associative_scan(..., reverse=True)`` solves the tile at once; the advantage carried in
+  from the later tile is folded into the latest element (``b = delta + c A_carry``), and the
+  tile's earliest element is the carry for the tile before it. A small batch (fewer than 2
+  programs per multiprocessor) also splits each row's time into segments of ``L`` steps, in two
+  launches: the first finds each segment's head (its advantage at its first step with nothing
+  carried in), the second starts each segment from the advantage after it,
+  ``A(start of s+1) = sum_{s' > s} c^{L (s' - s - 1)} head_{s'}`` (Horner over the later heads).
 - torch: time in blocks of ``L`` steps. Within a block, ``A_i = sum_{j >= i} c^{j-i} delta_j`` is
   one matmul with the ``[L, L]`` upper-triangular matrix ``M_ij = c^{j-i}``. The advantage at each
   block's first step obeys the same recurrence across blocks with ``c^L`` (solved by the same
@@ -49,6 +53,7 @@ import triton
 import triton.language as tl
 
 from ._dispatch import resolve_backend
+from ._launch import Launch, multiprocessors
 from .rl import masked_whiten
 
 # Torch path: time steps per block (one [L, L] discount matrix).
@@ -56,8 +61,12 @@ TORCH_BLOCK = 32
 
 
 # ----------------------------------------------------------------------------------------------
-# Triton path: a block of rows per program, time tiles walked backwards, a scan per tile.
+# Triton path: a block of rows and a segment of time per program, time tiles walked backwards, a
+# scan per tile.
 # ----------------------------------------------------------------------------------------------
+
+# Steps per time segment at the least, when a small batch splits its rows' time over programs.
+MIN_SEGMENT = 16
 
 
 @triton.jit
@@ -68,22 +77,37 @@ def _affine_then(a_1, b_1, a_2, b_2):
 
 @triton.jit
 def _gae_kernel(
-    VALUES, REWARDS, MASK, ADV,
+    VALUES, REWARDS, MASK, ADV, HEADS,
     stride_v, stride_r, stride_m, stride_a,
-    B, T, gamma, lam,
-    HAS_MASK: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr,
+    B, T, gamma, lam, seg_len, n_seg, c_seg,
+    HAS_MASK: tl.constexpr, PASS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
+    # PASS 0: one segment per row, carry 0 at the row's end. PASS 1: only each segment's head
+    # (its advantage at its first step with carry 0) into HEADS [B, n_seg]. PASS 2: every
+    # segment, with the carry its later segments' heads give.
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    seg = tl.program_id(1)
     row_ok = rows < B
     rows = rows.to(tl.int64)
     k = tl.arange(0, BLOCK_T)
     c = gamma * lam
-    carry = tl.zeros((BLOCK_B,), tl.float32)  # A at the step after the current tile
-    for start in range(0, T, BLOCK_T):
-        # 1. This tile's steps, latest first: t = T - 1 - start - k (negative past the row's start).
-        t = T - 1 - start - k
-        ok = row_ok[:, None] & (t >= 0)[None, :]
-        has_next = ok & (t + 1 < T)[None, :]
+
+    # 1. The advantage at the step after this segment (0 past the row's end): Horner over the
+    #    heads of the later segments, A(start of s) = head_s + c^seg_len A(start of s + 1).
+    carry = tl.zeros((BLOCK_B,), tl.float32)
+    if PASS == 2:
+        for i in range(0, n_seg - 1 - seg):
+            head = tl.load(HEADS + rows * n_seg + (n_seg - 1 - i), mask=row_ok, other=0.0)
+            carry = head + c_seg * carry
+
+    # 2. This segment's tiles, latest first; each tile in ascending steps t = t0 + k, so loads
+    #    are contiguous (the next step's value is a second load, one step on).
+    lo = seg * seg_len
+    n_tiles = tl.cdiv(tl.minimum(seg_len, T - lo), BLOCK_T)
+    for j in range(0, n_tiles):
+        t = lo + (n_tiles - 1 - j) * BLOCK_T + k
+        ok = row_ok[:, None] & (t < T)[None, :]
+        has_next = row_ok[:, None] & (t + 1 < T)[None, :]
         v_off = rows[:, None] * stride_v + t[None, :]
         v = tl.load(VALUES + v_off, mask=ok, other=0.0).to(tl.float32)
         v_next = tl.load(VALUES + v_off + 1, mask=has_next, other=0.0).to(tl.float32)
@@ -94,24 +118,58 @@ def _gae_kernel(
             v_next = v_next * tl.load(MASK + m_off + 1, mask=has_next, other=0.0).to(tl.float32)
             r = r * tl.load(MASK + m_off, mask=ok, other=0.0).to(tl.float32)
 
-        # 2. TD residuals, in the reference's order of operations.
+        # 3. TD residuals, in the reference's order of operations (0 past the row's end).
         delta = r + gamma * v_next - v
 
-        # 3. Fold the carry into the first step, then scan the affine steps (c, delta) in load order.
-        b = tl.where(k[None, :] == 0, delta + c * carry[:, None], delta)
+        # 4. Fold the carry into the tile's latest step, then scan the affine steps (c, delta)
+        #    from the latest step back: A_t = delta_t + c A_{t+1}.
+        b = tl.where(k[None, :] == BLOCK_T - 1, delta + c * carry[:, None], delta)
         a = tl.zeros((BLOCK_B, BLOCK_T), tl.float32) + c
-        _, adv = tl.associative_scan((a, b), 1, _affine_then)
-        tl.store(ADV + rows[:, None] * stride_a + t[None, :], adv, mask=ok)
+        _, adv = tl.associative_scan((a, b), 1, _affine_then, reverse=True)
+        if PASS != 1:
+            tl.store(ADV + rows[:, None] * stride_a + t[None, :], adv, mask=ok)
 
-        # 4. The tile's earliest step is the carry for the tile before it.
-        carry = tl.sum(tl.where(k[None, :] == BLOCK_T - 1, adv, 0.0), 1)
+        # 5. The tile's earliest step is the carry for the tile before it.
+        carry = tl.sum(tl.where(k[None, :] == 0, adv, 0.0), 1)
+    if PASS == 1:
+        tl.store(HEADS + rows * n_seg + seg, carry, mask=row_ok)
 
 
-def _launch_config(rows: int, steps: int) -> dict:
+def _gae_plan(rows: int, steps: int, sms: int) -> dict:
+    """Rows per program, time tile, and the time segments a small batch is split into.
+
+    Several short rows per program (tiles of up to 1024 elements) while that keeps 2 programs per
+    multiprocessor; when the rows alone give fewer than 2 programs per multiprocessor, each row's time is
+    cut into power-of-two segments (at least MIN_SEGMENT steps) to make up the count.
+    """
     block_t = min(triton.next_power_of_2(steps), 256)
-    # Several short rows per program (tiles of up to 1024 elements), but keep ~128+ programs.
-    block_b = min(max(1, 1024 // block_t), max(1, triton.next_power_of_2(rows) // 128))
-    return {"BLOCK_B": block_b, "BLOCK_T": block_t, "num_warps": 4}
+    fill = max(1, rows // (2 * sms))  # rows per program that still leave 2 programs per SM
+    block_b = min(max(1, 1024 // block_t), 1 << (fill.bit_length() - 1))
+    want = triton.cdiv(2 * sms, triton.cdiv(rows, block_b))  # segments per row wanted
+    seg_len = triton.cdiv(steps, block_t) * block_t  # one segment: the whole row
+    if want > 1 and steps >= 2 * MIN_SEGMENT:
+        seg_len = max(MIN_SEGMENT, 1 << ((steps // want).bit_length() - 1) if steps >= want else 0)
+        block_t = min(block_t, seg_len)
+    # 4 elements per thread at least (16-byte loads of fp32), up to 4 warps.
+    warps = min(4, max(1, block_b * block_t // 128))
+    return {"BLOCK_B": block_b, "BLOCK_T": block_t, "seg_len": seg_len, "n_seg": triton.cdiv(steps, seg_len), "num_warps": warps}
+
+
+def gae_launches(v, r, m, adv, heads, gamma, lam, sms) -> list[Launch]:
+    """The launches of ``_gae_kernel`` for fp32 ``adv [B, T]``: one pass, or with time segments a
+    pass for the segments' heads (into ``heads [B, n_seg]``, see ``_gae_plan``) and one for the
+    advantages. ``heads`` may be None when one segment suffices."""
+    B, T = v.shape
+    plan = _gae_plan(B, T, sms)
+    n_seg = plan["n_seg"]
+    c_seg = float((gamma * lam) ** plan["seg_len"])
+    args = (v, r, m if m is not None else v, adv, heads if heads is not None else adv,
+            v.stride(0), r.stride(0), m.stride(0) if m is not None else 0, adv.stride(0),
+            B, T, float(gamma), float(lam), plan["seg_len"], n_seg, c_seg)
+    grid = (triton.cdiv(B, plan["BLOCK_B"]), n_seg)
+    opts = {"HAS_MASK": m is not None, "BLOCK_B": plan["BLOCK_B"], "BLOCK_T": plan["BLOCK_T"]}
+    passes = (0,) if n_seg == 1 else (1, 2)
+    return [Launch(_gae_kernel, grid, args, {**opts, "PASS": p}, num_warps=plan["num_warps"]) for p in passes]
 
 
 def _unit_stride(x: torch.Tensor) -> torch.Tensor:
@@ -125,13 +183,11 @@ def _gae_triton(values, rewards, mask, gamma, lam):
         return adv
     v, r = _unit_stride(values), _unit_stride(rewards)
     m = None if mask is None else _unit_stride(mask if mask.dtype.is_floating_point else mask.to(torch.float32))
-    cfg = _launch_config(B, T)
-    _gae_kernel[(triton.cdiv(B, cfg["BLOCK_B"]),)](
-        v, r, m if m is not None else v, adv,
-        v.stride(0), r.stride(0), m.stride(0) if m is not None else 0, adv.stride(0),
-        B, T, float(gamma), float(lam),
-        HAS_MASK=m is not None, **cfg,
-    )
+    sms = multiprocessors(values.device)
+    n_seg = _gae_plan(B, T, sms)["n_seg"]
+    heads = torch.empty(B, n_seg, dtype=torch.float32, device=values.device) if n_seg > 1 else None
+    for launch in gae_launches(v, r, m, adv, heads, gamma, lam, sms):
+        launch()
     return adv
 
 

@@ -50,7 +50,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .logprobs import RowOptions, as_rows, make_options
+from ._launch import Launch
+from .logprobs import RowOptions, _row_block, as_rows, make_options
 
 KINDS = ("kl", "abs", "mse", "k3", "full")
 
@@ -141,33 +142,42 @@ def _full_kl_grad_kernel(
             tl.store(DY + b * stride_dyb + t * stride_dyt + cols, dy.to(DY.dtype.element_ty), mask=mask)
 
 
-def _launch_config(vocab: int) -> dict:
-    block = min(triton.next_power_of_2(vocab), 4096)
-    return {"BLOCK_V": block, "num_warps": 8 if block >= 2048 else 4}
+def full_kl_launch(x3, y3, norm, kl) -> Launch:
+    """The launch of ``_full_kl_kernel`` over ``x3``/``y3 [B, T, V]``: one program per row."""
+    B, T, V = x3.shape
+    cfg = _row_block(V)
+    return Launch(
+        _full_kl_kernel, (B * T,),
+        (x3, x3.stride(0), x3.stride(1), y3, y3.stride(0), y3.stride(1), T, norm, kl, V),
+        {"BLOCK_V": cfg["BLOCK_V"]}, cfg["num_warps"],
+    )
+
+
+def full_kl_grad_launch(x3, y3, dx3, dy3, norm, kl, g) -> Launch:
+    """The launch of ``_full_kl_grad_kernel``; a gradient not asked for gets the other's pointer
+    and is not written."""
+    B, T, V = x3.shape
+    cfg = _row_block(V)
+    px = dx3 if dx3 is not None else dy3
+    py = dy3 if dy3 is not None else dx3
+    return Launch(
+        _full_kl_grad_kernel, (B * T,),
+        (x3, x3.stride(0), x3.stride(1), y3, y3.stride(0), y3.stride(1), T,
+         px, px.stride(0), px.stride(1), py, py.stride(0), py.stride(1), norm, kl, g, V),
+        {"NEED_DX": dx3 is not None, "NEED_DY": dy3 is not None, "BLOCK_V": cfg["BLOCK_V"]}, cfg["num_warps"],
+    )
 
 
 def _full_kl_stats_triton(x3, y3, opts):
     B, T, V = x3.shape
     norm = torch.empty(B, T, 4, dtype=torch.float32, device=x3.device)
     kl = torch.empty(B, T, dtype=torch.float32, device=x3.device)
-    _full_kl_kernel[(B * T,)](
-        x3, x3.stride(0), x3.stride(1), y3, y3.stride(0), y3.stride(1), T,
-        norm, kl, V, **_launch_config(V),
-    )
+    full_kl_launch(x3, y3, norm, kl)()
     return kl, norm
 
 
 def _full_kl_grad_triton(x3, y3, dx3, dy3, norm, kl, g, opts):
-    """Launch the gradient kernel; a gradient not asked for gets the other's pointer and is not written."""
-    B, T, V = x3.shape
-    px = dx3 if dx3 is not None else dy3
-    py = dy3 if dy3 is not None else dx3
-    _full_kl_grad_kernel[(B * T,)](
-        x3, x3.stride(0), x3.stride(1), y3, y3.stride(0), y3.stride(1), T,
-        px, px.stride(0), px.stride(1), py, py.stride(0), py.stride(1),
-        norm, kl, g, V,
-        NEED_DX=dx3 is not None, NEED_DY=dy3 is not None, **_launch_config(V),
-    )
+    full_kl_grad_launch(x3, y3, dx3, dy3, norm, kl, g)()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,6 +17,11 @@ backward re-reads the logits, which the caller holds anyway. ``m`` and ``log s``
 rather than summed into one log-sum-exp: at logits near 1e4 the sum rounds to 1e-3 in fp32, while
 ``z - m`` stays exact. Everything accumulates in fp32 whatever the input dtype.
 
+The Triton path works in base 2 with the temperature hoisted: it keeps the raw logits' max
+``m_x = max_j x_j`` (so ``m = m_x / T``) and computes ``e^{z_j - m} = 2^{(x_j - m_x) log2(e) / T}``,
+one subtract and one multiply per element. Its ``norm`` holds ``(m_x, log s)``, the torch path's
+``(m, log s)``: each path's ``row_grad`` reads back what its own ``row_stats`` wrote.
+
 Public ops: ``selective_logprobs`` (the log-prob of each label) and ``entropy_from_logits``.
 ``row_stats`` / ``row_grad`` are the building blocks ``linear_logprobs`` reuses per chunk.
 """
@@ -30,9 +35,12 @@ import triton
 import triton.language as tl
 
 from ._dispatch import resolve_backend
+from ._launch import Launch
 
 # Torch path: rows per chunk so that one chunk's fp32 temporaries stay within this many bytes.
 CHUNK_BYTES = 16 * 2**20
+# Triton path: the widest vocabulary tile of the row kernels (16 elements per thread at 8 warps).
+MAX_BLOCK_V = 4096
 
 
 @dataclass(frozen=True)
@@ -82,7 +90,16 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------------
 # Triton path: one program per row, a loop over vocabulary tiles.
+#
+# In base 2 with the temperature hoisted: with m_x = max_j x_j (the raw logits' max) and
+# k = log2(e) / T, every exponential is e^{z_j - m} = 2^{(x_j - m_x) k}: one subtraction and one
+# multiply per element, no division (the subtraction first keeps x_j - m_x exact for logits near
+# the max, even at |x| ~ 1e4). Logs come back to base e at the end: log s = log2(s) ln 2.
+# The Triton path's normaliser holds (m_x, log s), the raw max: row_grad reads it back the same way.
 # ----------------------------------------------------------------------------------------------
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -94,38 +111,41 @@ def _row_stats_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = X + (row // T) * stride_xb + (row % T) * stride_xt
+    inv_temp = 1.0 / temperature
+    k = inv_temp * LOG2E  # hoisted: 2^{(x - m_x) k} = e^{(x - m_x) / T}
 
-    # 1. Online log-sum-exp over vocabulary tiles: running max m, s = sum e^{z-m},
-    #    and for the entropy t = sum e^{z-m} (z-m), all rescaled whenever m grows.
+    # 1. Online log-sum-exp over vocabulary tiles, in raw units: running max m of x,
+    #    s = sum 2^{(x-m)k}, and for the entropy t = sum 2^{(x-m)k} (x-m); rescaled when m grows.
     m = tl.full((), float("-inf"), tl.float32)
     s = tl.zeros((), tl.float32)
     t = tl.zeros((), tl.float32)
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
-        z = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32) / temperature
-        m_new = tl.maximum(m, tl.max(z, 0))
-        alpha = tl.exp(m - m_new)
-        e = tl.exp(z - m_new)
+        x = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, 0))
+        alpha = tl.exp2((m - m_new) * k)
+        d = x - m_new
+        e = tl.exp2(d * k)
         if WITH_ENTROPY:
             shift = tl.where(s > 0, m - m_new, 0.0) * s
-            t = alpha * (t + shift) + tl.sum(e * tl.where(e > 0, z - m_new, 0.0), 0)
+            t = alpha * (t + shift) + tl.sum(e * tl.where(e > 0, d, 0.0), 0)
         s = s * alpha + tl.sum(e, 0)
         m = m_new
-    log_s = tl.log(s)
+    log_s = tl.log2(s) * LN2
     tl.store(NORM + 2 * row, m)
     tl.store(NORM + 2 * row + 1, log_s)
 
-    # 2. The label's log-prob: one scalar load of its logit.
+    # 2. The label's log-prob, (x_y - m) / T - log s: one scalar load of its logit.
     valid = True
     if HAS_LABELS:
         y = tl.load(LABELS + row)
         valid = y != ignore_index
-        z_y = tl.load(x_row + y, mask=valid, other=0.0).to(tl.float32) / temperature
-        tl.store(LOGP + row, tl.where(valid, (z_y - m) - log_s, 0.0))
+        x_y = tl.load(x_row + y, mask=valid, other=0.0).to(tl.float32)
+        tl.store(LOGP + row, tl.where(valid, (x_y - m) * inv_temp - log_s, 0.0))
 
-    # 3. Entropy from the same pass: H = log s - t / s (0 on ignored rows).
+    # 3. Entropy from the same pass: H = log s - t / (T s) (0 on ignored rows).
     if WITH_ENTROPY:
-        tl.store(ENT + row, tl.where(valid, log_s - t / s, 0.0))
+        tl.store(ENT + row, tl.where(valid, log_s - t * inv_temp / s, 0.0))
 
 
 @triton.jit
@@ -141,10 +161,13 @@ def _row_grad_kernel(
     x_row = X + (row // T) * stride_xb + (row % T) * stride_xt
     dx_row = DX + (row // T) * stride_db + (row % T) * stride_dt
 
-    # 1. Per-row scalars; 1/T is folded into the upstream gradients, ignored rows get zero.
+    # 1. Per-row scalars, hoisted: k = log2(e) / T and log2 s, so log2 p = (x - m) k - log2 s.
+    #    1/T is folded into the upstream gradients, ignored rows get zero; the entropy term
+    #    g_H p (log p + H) is g_H ln2 * p * (log2 p + H log2 e).
     m = tl.load(NORM + 2 * row)
-    log_s = tl.load(NORM + 2 * row + 1)
     inv_temp = 1.0 / temperature
+    k = inv_temp * LOG2E
+    log2_s = tl.load(NORM + 2 * row + 1) * LOG2E
     g = tl.zeros((), tl.float32)
     y = -1
     valid = True
@@ -153,27 +176,57 @@ def _row_grad_kernel(
         valid = y != ignore_index
         g = tl.where(valid, tl.load(G_LOGP + row), 0.0) * inv_temp
     if WITH_ENTROPY:
-        g_ent = tl.where(valid, tl.load(G_ENT + row), 0.0) * inv_temp
-        ent = tl.load(ENT + row)
+        g_ent2 = tl.where(valid, tl.load(G_ENT + row), 0.0) * (inv_temp * LN2)
+        ent2 = tl.load(ENT + row) * LOG2E
 
-    # 2. Re-read each tile, rebuild p from (m, log s), write the gradient in the output's dtype.
+    # 2. Re-read each tile, rebuild p, write the gradient in the output's dtype.
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         mask = cols < V
-        z = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32) / temperature
-        logq = (z - m) - log_s
-        p = tl.exp(logq)
+        x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+        log2_p = (x - m) * k - log2_s
+        p = tl.exp2(log2_p)
         dz = -g * p
         if WITH_ENTROPY:
-            dz -= tl.where(p > 0, g_ent * p * (logq + ent), 0.0)
+            dz -= tl.where(p > 0, g_ent2 * p * (log2_p + ent2), 0.0)
         if HAS_LABELS:
             dz = tl.where(cols + col0 == y, dz + g, dz)
         tl.store(dx_row + cols, dz.to(DX.dtype.element_ty), mask=mask)
 
 
-def _launch_config(vocab: int) -> dict:
-    block = min(triton.next_power_of_2(vocab), 4096)
+def _row_block(vocab: int) -> dict:
+    """Tile width and warps of the row kernels: 4096-wide tiles, 16 elements per thread."""
+    block = min(triton.next_power_of_2(vocab), MAX_BLOCK_V)
     return {"BLOCK_V": block, "num_warps": 8 if block >= 2048 else 4}
+
+
+def row_stats_launch(x3, labels, logp, norm, ent, opts) -> Launch:
+    """The launch of ``_row_stats_kernel`` over ``x3 [B, T, V]``: one program per row."""
+    B, T, V = x3.shape
+    cfg = _row_block(V)
+    return Launch(
+        _row_stats_kernel, (B * T,),
+        (x3, x3.stride(0), x3.stride(1), T,
+         labels if labels is not None else norm, logp if logp is not None else norm, norm,
+         ent if ent is not None else norm, V, opts.temperature, opts.ignore_index),
+        {"HAS_LABELS": labels is not None, "WITH_ENTROPY": ent is not None, "BLOCK_V": cfg["BLOCK_V"]},
+        cfg["num_warps"],
+    )
+
+
+def row_grad_launch(x3, out3, labels, norm, ent, g_logp, g_ent, opts, col0=0) -> Launch:
+    """The launch of ``_row_grad_kernel``: ``out3`` gets dL/dx of ``x3 [B, T, V]``, one program per row."""
+    B, T, V = x3.shape
+    cfg = _row_block(V)
+    return Launch(
+        _row_grad_kernel, (B * T,),
+        (x3, x3.stride(0), x3.stride(1), T, out3, out3.stride(0), out3.stride(1),
+         labels if labels is not None else norm, norm, ent if g_ent is not None else norm,
+         g_logp if g_logp is not None else norm, g_ent if g_ent is not None else norm,
+         V, col0, opts.temperature, opts.ignore_index),
+        {"HAS_LABELS": labels is not None, "WITH_ENTROPY": g_ent is not None, "BLOCK_V": cfg["BLOCK_V"]},
+        cfg["num_warps"],
+    )
 
 
 def _row_stats_triton(x3, labels, opts, with_entropy):
@@ -181,28 +234,12 @@ def _row_stats_triton(x3, labels, opts, with_entropy):
     norm = torch.empty(B, T, 2, dtype=torch.float32, device=x3.device)
     logp = torch.empty(B, T, dtype=torch.float32, device=x3.device) if labels is not None else None
     ent = torch.empty(B, T, dtype=torch.float32, device=x3.device) if with_entropy else None
-    _row_stats_kernel[(B * T,)](
-        x3, x3.stride(0), x3.stride(1), T,
-        labels if labels is not None else norm, logp if logp is not None else norm, norm,
-        ent if ent is not None else norm,
-        V, opts.temperature, opts.ignore_index,
-        HAS_LABELS=labels is not None, WITH_ENTROPY=with_entropy, **_launch_config(V),
-    )
+    row_stats_launch(x3, labels, logp, norm, ent, opts)()
     return logp, norm, ent
 
 
 def _row_grad_triton(x3, out3, labels, norm, ent, g_logp, g_ent, opts, col0):
-    B, T, V = x3.shape
-    _row_grad_kernel[(B * T,)](
-        x3, x3.stride(0), x3.stride(1), T,
-        out3, out3.stride(0), out3.stride(1),
-        labels if labels is not None else norm, norm,
-        ent if g_ent is not None else norm,
-        g_logp if g_logp is not None else norm,
-        g_ent if g_ent is not None else norm,
-        V, col0, opts.temperature, opts.ignore_index,
-        HAS_LABELS=labels is not None, WITH_ENTROPY=g_ent is not None, **_launch_config(V),
-    )
+    row_grad_launch(x3, out3, labels, norm, ent, g_logp, g_ent, opts, col0)()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,30 +18,52 @@ import triton
 import triton.language as tl
 
 from ._dispatch import resolve_backend
+from ._launch import Launch, multiprocessors
+
+# Tokens per block of the Triton kernel: 4 fp32 (16 bytes) per thread at 2 warps.
+BLOCK = 256
 
 
 @triton.jit
-def _segment_sum_kernel(X, CU, OUT, BLOCK: tl.constexpr):
+def _segment_sum_kernel(X, CU, PARTIAL, N, BLOCK: tl.constexpr):
+    # Program (seg, part) of a (S, P) grid sums every P-th block of segment seg, from block part.
     seg = tl.program_id(0)
-    # 1. This segment's token range.
+    part = tl.program_id(1)
+    n_part = tl.num_programs(1)
+    # 1. This segment's token range, and the first BLOCK-aligned block that overlaps it: aligned
+    #    blocks give 16-byte loads; tokens of the neighbouring segments are masked out after.
     start = tl.load(CU + seg).to(tl.int64)
     end = tl.load(CU + seg + 1).to(tl.int64)
-    # 2. Sum its tokens block by block in fp32.
+    first = start // BLOCK * BLOCK
+    # 2. Sum this program's blocks in fp32.
     acc = tl.zeros((BLOCK,), tl.float32)
-    for off in range(start, end, BLOCK):
+    for off in range(first + part * BLOCK, end, n_part * BLOCK):
         idx = off + tl.arange(0, BLOCK)
-        acc += tl.load(X + idx, mask=idx < end, other=0.0).to(tl.float32)
-    tl.store(OUT + seg, tl.sum(acc, 0))
+        x = tl.load(X + idx, mask=idx < N, other=0.0).to(tl.float32)
+        acc += tl.where((idx >= start) & (idx < end), x, 0.0)
+    tl.store(PARTIAL + seg * n_part + part, tl.sum(acc, 0))
+
+
+def segment_sum_launch(values, cu_seqlens, partial) -> Launch:
+    """The launch of ``_segment_sum_kernel`` into ``partial [S, P]`` (summed over P after)."""
+    S, P = partial.shape
+    return Launch(_segment_sum_kernel, (S, P), (values, cu_seqlens, partial, values.shape[0]), {"BLOCK": BLOCK}, 2)
+
+
+def segment_parts(n: int, segments: int, sms: int) -> int:
+    """Programs per segment: enough for 2 per multiprocessor, never more than the blocks there are."""
+    return max(1, min(triton.cdiv(2 * sms, max(segments, 1)), triton.cdiv(n, max(segments, 1) * BLOCK)))
 
 
 class _SegmentSumTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, values, cu_seqlens, seq_index):
-        out = torch.empty(cu_seqlens.numel() - 1, dtype=torch.float32, device=values.device)
-        if out.numel():
-            _segment_sum_kernel[(out.numel(),)](values.contiguous(), cu_seqlens, out, BLOCK=1024)
+        n_seg = cu_seqlens.numel() - 1
+        parts = segment_parts(values.shape[0], n_seg, multiprocessors(values.device))
+        partial = torch.empty(n_seg, parts, dtype=torch.float32, device=values.device)
+        segment_sum_launch(values.contiguous(), cu_seqlens, partial)()
         ctx.save_for_backward(seq_index)
-        return out
+        return partial.sum(1)
 
     @staticmethod
     def backward(ctx, grad):

@@ -1,5 +1,6 @@
 # fastalign: set-up, tests and benchmarks on a fresh machine.
 #   make test    create or reuse .venv, install, run the test suite
+#   make lint    ruff over the tree (the configuration is in pyproject.toml); CI runs it before the tests
 #   make bench   run the kernel benchmarks and write benchmarks/out/results.md
 #   make bench-peers  fastalign against TRL end to end (DPO, reward, SFT); makes the peer venv first
 #   make bench-data   data preparation to the first step: fastalign, TRL and the tokenizer floor
@@ -18,7 +19,7 @@ PYTEST_ARGS ?=
 # the demo model took 0.96 s with 2 spinning threads and 0.016 s with passive ones (2026-11-21).
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install test bench bench-peers bench-data gpu-wheels demo clean
+.PHONY: install lint test bench bench-peers bench-data gpu-wheels demo clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +33,9 @@ install: $(STAMP)
 
 test: install
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+lint: install
+	$(PY) -m ruff check .
 
 # Liger-Kernel is a peer measured by the benchmarks, never a dependency of fastalign. TRL's fused
 # LM head (a kernel path) comes from TRL_SPEC installed without its dependencies into a folder of its

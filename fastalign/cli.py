@@ -60,10 +60,10 @@ def algorithms() -> dict:
         DDPOTrainer,
         DPOConfig,
         DPOTrainer,
-        RewardConfig,
-        RewardTrainer,
         PPOConfig,
         PPOTrainer,
+        RewardConfig,
+        RewardTrainer,
         SFTConfig,
         SFTTrainer,
     )

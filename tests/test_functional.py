@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from helpers import assert_close
 
 import fastalign.functional as F
+from helpers import assert_close
 
 
 def test_every_exported_name_exists():

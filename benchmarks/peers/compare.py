@@ -34,8 +34,18 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from benchmarks.peers.workload import (ALGOS, BATCH, BETA, LEARNING_RATE, MAX_LENGTH, MAX_PROMPT_LENGTH, PROFILES,
-                                        missing, prepare, steps_for)
+from benchmarks.peers.workload import (
+    ALGOS,
+    BATCH,
+    BETA,
+    LEARNING_RATE,
+    MAX_LENGTH,
+    MAX_PROMPT_LENGTH,
+    PROFILES,
+    missing,
+    prepare,
+    steps_for,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "benchmarks" / "out" / "vs_trl"

@@ -19,8 +19,21 @@ import time
 from pathlib import Path
 
 from benchmarks.peers import report
-from benchmarks.peers.workload import (BATCH, BETA, LEARNING_RATE, MAX_LENGTH, MAX_PROMPT_LENGTH, PAIR_TRUNCATION, SEED,
-                                       SFT_TRUNCATION, digest, flat, pair_record, profile_of, workload)
+from benchmarks.peers.workload import (
+    BATCH,
+    BETA,
+    LEARNING_RATE,
+    MAX_LENGTH,
+    MAX_PROMPT_LENGTH,
+    PAIR_TRUNCATION,
+    SEED,
+    SFT_TRUNCATION,
+    digest,
+    flat,
+    pair_record,
+    profile_of,
+    workload,
+)
 
 
 def in_order(trainer_cls, rows_per_step: int):

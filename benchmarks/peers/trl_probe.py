@@ -28,8 +28,17 @@ import time
 from pathlib import Path
 
 from benchmarks.peers import report
-from benchmarks.peers.workload import (BATCH, BETA, LEARNING_RATE, MAX_LENGTH, SEED, SFT_TRUNCATION, digest, profile_of,
-                                       workload)
+from benchmarks.peers.workload import (
+    BATCH,
+    BETA,
+    LEARNING_RATE,
+    MAX_LENGTH,
+    SEED,
+    SFT_TRUNCATION,
+    digest,
+    profile_of,
+    workload,
+)
 
 SYSTEMS = ("trl", "trl-ckpt", "trl-liger")
 

@@ -20,7 +20,7 @@ import torch
 
 from fastalign.data import SFTEncoder, load_rows
 from fastalign.data.store import SFT_HALVES, TokenStore, token_data
-from fastalign.engine import TrainingConfig, Trainer, distributed
+from fastalign.engine import Trainer, TrainingConfig, distributed
 from fastalign.models import load_model, packed_logprobs, prepare_model
 
 

@@ -30,8 +30,8 @@ import math
 from dataclasses import dataclass
 
 from .formats import TokenizeReport
-from .rows import Texts, check_truncation, encode, row_error, row_messages, row_text, row_token_ids, row_value, with_eos
 from .packing import Sequence
+from .rows import Texts, check_truncation, encode, row_error, row_messages, row_text, row_token_ids, row_value, with_eos
 
 
 @dataclass

@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-from helpers import assert_close
 
 from fastalign.algorithms import DPOConfig, DPOTrainer
 from fastalign.data import IGNORE_INDEX, tokenize_pairs
@@ -13,6 +12,7 @@ from fastalign.functional import LOSS_TYPES, dpo_loss, get_batch_logps
 from fastalign.models import sequence_logprobs
 from fastalign.models.tiny import char_tokenizer, tiny_model
 from fastalign.tasks.sort_digits import make_preference_pairs
+from helpers import assert_close
 
 TOK = char_tokenizer()
 ROWS = make_preference_pairs(12, seed=3)

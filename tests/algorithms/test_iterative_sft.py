@@ -14,7 +14,6 @@ import json
 
 import pytest
 import torch
-from helpers import assert_close
 
 from fastalign.algorithms.iterative_sft import IterativeSFTConfig, IterativeSFTTrainer
 from fastalign.data import IGNORE_INDEX
@@ -22,6 +21,7 @@ from fastalign.engine.checkpoint import latest_checkpoint
 from fastalign.engine.metrics import read_metrics
 from fastalign.models.tiny import char_tokenizer, tiny_model
 from fastalign.tasks import sort_digits
+from helpers import assert_close
 
 TOK = char_tokenizer()
 LR = 10.0  # SGD: large enough that the update, not the rounding of the weights, is compared

@@ -6,11 +6,11 @@ import copy
 
 import pytest
 import torch
+from ppo_padded import padded_ppo_step
 
 from fastalign.algorithms import PPOConfig, PPOTrainer
 from fastalign.models import CausalLMWithValueHead
 from fastalign.models.tiny import char_tokenizer, tiny_model
-from ppo_padded import padded_ppo_step
 
 STATS = ["objective/kl", "objective/entropy", "ppo/mean_non_score_reward", "ppo/mean_scores", "ppo/loss/policy",
          "ppo/loss/value", "ppo/loss/total", "ppo/policy/entropy", "ppo/policy/approxkl", "ppo/policy/policykl",

@@ -6,13 +6,13 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close
 from transformers import AutoModelForSequenceClassification
 
 from fastalign.algorithms import RewardConfig, RewardTrainer
 from fastalign.models import as_reward_model, packed_scores
 from fastalign.models.tiny import char_tokenizer, tiny_model
 from fastalign.tasks.sort_digits import make_preference_pairs
+from helpers import assert_close
 
 TOK = char_tokenizer()
 ROWS = make_preference_pairs(10, seed=5)

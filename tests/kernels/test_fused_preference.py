@@ -11,10 +11,10 @@ import importlib
 
 import pytest
 import torch
-from helpers import DEVICE, EPS, assert_close
 
 from fastalign.kernels.fused_preference import fused_preference_loss
 from fastalign.kernels.preference import LOSS_TYPES, preference_loss
+from helpers import DEVICE, EPS, assert_close
 
 PATHS = ["torch", "triton"]
 fp_module = importlib.import_module("fastalign.kernels.fused_preference")

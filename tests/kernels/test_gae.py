@@ -8,11 +8,11 @@ the scale of the inputs, so 1e-5 against the tensor's largest entry is a few hun
 
 import pytest
 import torch
-from helpers import DEVICE, assert_close
 
 from fastalign.kernels import gae as gae_module
 from fastalign.kernels.gae import compute_advantages, gae, gae_reference
 from fastalign.kernels.rl import masked_whiten
+from helpers import DEVICE, assert_close
 
 PATHS = ["torch", "triton"]
 GAMMA, LAM = 0.99, 0.95

@@ -14,9 +14,9 @@ import math
 
 import pytest
 import torch
-from helpers import assert_close
 
 from fastalign.kernels.preference import LOSS_TYPES, preference_loss, reward_loss
+from helpers import assert_close
 
 PI_C, PI_R = [-1.0, -4.0], [-3.0, -2.0]
 REF_C, REF_R = [-2.0, -3.0], [-2.0, -2.5]

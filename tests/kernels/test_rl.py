@@ -12,7 +12,6 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from helpers import DEVICE, EPS, assert_close
 
 from fastalign.kernels.kl import (
     compute_rewards,
@@ -32,6 +31,7 @@ from fastalign.kernels.rl import (
     masked_var,
     masked_whiten,
 )
+from helpers import DEVICE, EPS, assert_close
 
 PATHS = ["torch", "triton"]
 

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from helpers import DEVICE, assert_close
 
 from fastalign.kernels.segments import segment_mean, segment_sum, segment_sum_reference
+from helpers import DEVICE, assert_close
 
 PATHS = ["torch", "triton"]
 

@@ -48,10 +48,10 @@ in diffusers format, or only the LoRA weights (``pytorch_lora_weights.safetensor
 ``pipeline.load_lora_weights``).
 """
 
-from .config import DDPOConfig
 from fastalign.tasks.registry import image_reward as reward_function
 from fastalign.tasks.registry import prompt_function
 
+from .config import DDPOConfig
 from .pipeline import TINY_PIPELINE, image_grid
 from .trainer import DDPOTrainer
 

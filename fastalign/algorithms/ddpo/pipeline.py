@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
 TINY_PIPELINE = "fastalign/tiny-sd"  # the built-in pipeline: random weights, 64 x 64 images
 
 

@@ -14,9 +14,8 @@ import numpy as np
 import torch
 from transformers import set_seed
 
-from fastalign.engine import TrainingConfig
+from fastalign.engine import TrainingConfig, distributed
 from fastalign.engine import checkpoint as ckpt
-from fastalign.engine import distributed
 from fastalign.engine.engine import Engine, default_device
 from fastalign.engine.metrics import MetricsLogger
 from fastalign.engine.trainer import Checkpointing

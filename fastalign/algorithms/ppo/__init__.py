@@ -29,11 +29,12 @@ With several processes each runs ``step`` on its own ``batch_size`` samples (as 
 gradient is the mean over processes, the stats and the score statistics are global.
 """
 
-from .config import KL_PENALTIES, LengthSampler, PPOConfig
-from .reference import create_reference_model
 from fastalign.tasks.registry import TEXT_REWARDS as BUILTIN_REWARDS
 from fastalign.tasks.registry import named_function
 from fastalign.tasks.registry import text_reward as reward_function
+
+from .config import KL_PENALTIES, LengthSampler, PPOConfig
+from .reference import create_reference_model
 from .rollout import Rollout
 from .trainer import PPOTrainer
 

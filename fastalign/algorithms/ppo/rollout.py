@@ -11,6 +11,7 @@ from fastalign.data import Sequence
 from fastalign.kernels.kl import kl_penalty
 from fastalign.models import gathered, lm_head
 
+
 @dataclass
 class Rollout:
     """A PPO batch laid out flat over its response tokens, sample after sample: sample ``i`` owns

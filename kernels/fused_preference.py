@@ -23,7 +23,9 @@ pairs' logits plus the gradients.
 
 Loss types that couple the pairs (``kto_pair``, ``bco_pair``, ``aot``, ``aot_pair``: batch means,
 sorting) need every pair's ``pi`` before any gradient, so they take two passes: ``linear_logprobs``
-(which recomputes the logits in backward), per-sequence sums and ``preference_loss``.
+(which recomputes the logits in backward), per-sequence sums and ``preference_loss``. The fused
+Triton lm_head (``backend="fused"`` or ``FASTALIGN_FUSED_HEAD=1``, see ``linear_logprobs.head_choice``)
+takes the same two passes for every loss type, its logits never leaving the chip.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from typing import NamedTuple
 
 import torch
 
-from .linear_logprobs import CHUNK_BYTES, chunk_logits, chunk_plan, linear_logprobs
+from .linear_logprobs import CHUNK_BYTES, chunk_logits, chunk_plan, head_choice, linear_logprobs
 from .logprobs import check_labels, make_options, row_grad, row_stats
 from .preference import COUPLED_LOSS_TYPES, preference_loss
 from .segments import packed_layout
@@ -219,7 +221,8 @@ def fused_preference_loss(
     if labels.shape != hidden.shape[:1]:
         raise ValueError(f"labels {tuple(labels.shape)} must be [N] = [{hidden.shape[0]}]")
     seq_t, cu = packed_layout(labels, seq_index, cu_seqlens)
-    opts = make_options(hidden.device, ignore_index, temperature, None, backend)
+    fused_head = head_choice(hidden.device, backend)[0] == "fused"  # the lm_head as one Triton kernel
+    opts = make_options(hidden.device, ignore_index, temperature, None, None if backend == "fused" else backend)
     check_labels(labels, weight.shape[0], opts.ignore_index)
     pair_t, role_t = _pair_layout(seq_t, cu.numel() - 1, chosen, rejected)
     loss_kw = dict(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, reference_free=reference_free, **loss_options)
@@ -232,9 +235,11 @@ def fused_preference_loss(
     # Only the loss positions of paired sequences go through the lm_head.
     pos = ((labels != opts.ignore_index) & (pair_t >= 0)).nonzero()[:, 0]
 
-    if loss_type in COUPLED_LOSS_TYPES or opts.backend == "reference":
-        # Two passes: every pair's log-probs first, then the coupled loss through autograd.
-        logp = linear_logprobs(hidden[pos], weight, labels[pos], bias, ignore_index, temperature, backend=opts.backend)
+    if loss_type in COUPLED_LOSS_TYPES or opts.backend == "reference" or fused_head:
+        # Two passes: every pair's log-probs first (the fused lm_head's too), then the loss
+        # through autograd (coupled losses need every pair's log-probs before any gradient).
+        head = "fused" if fused_head else opts.backend
+        logp = linear_logprobs(hidden[pos], weight, labels[pos], bias, ignore_index, temperature, backend=head)
         pi = torch.zeros(n_seq, device=hidden.device).index_add(0, seq_t[pos], logp)
         if average_log_prob:
             pi = pi / torch.bincount(seq_t[pos], minlength=n_seq).clamp(min=1)

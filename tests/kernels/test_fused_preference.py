@@ -21,7 +21,7 @@ fp_module = importlib.import_module("fastalign.kernels.fused_preference")
 
 
 def _device(path):
-    return DEVICE if path == "triton" else "cpu"
+    return DEVICE if path in ("triton", "fused") else "cpu"
 
 
 def _packed_batch(lengths, prompts, vocab, hidden_size, device):
@@ -90,6 +90,12 @@ def _check(path, loss_type, average=False, reference_free=False, temperature=1.0
 @pytest.mark.parametrize("path", PATHS)
 def test_every_loss_type_matches_the_naive_path(path, loss_type):
     _check(path, loss_type, bco_delta=0.05) if loss_type == "bco_pair" else _check(path, loss_type)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "kto_pair"])
+def test_the_fused_lm_head_gives_the_same_loss_and_gradients(loss_type):
+    _check("fused", loss_type)
+    _check("fused", loss_type, average=True, reference_free=True, temperature=0.7, bias=False)
 
 
 @pytest.mark.parametrize("path", PATHS)

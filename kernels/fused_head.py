@@ -81,7 +81,7 @@ import triton
 import triton.language as tl
 
 from ._dispatch import TRITON_INTERPRETER, resolve_backend
-from .logprobs import check_labels
+from .logprobs import check_head_inputs, check_labels
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -577,16 +577,9 @@ def fused_linear_logprobs(
     overrides blocks, the forward split and the backward scheme (``FusedHeadOptions``); its
     ``ignore_index`` and ``temperature`` are replaced by the arguments.
     """
-    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} must be [..., H] and [V, H]")
-    if labels.shape != hidden.shape[:-1]:
-        raise ValueError(f"labels {tuple(labels.shape)} must match hidden {tuple(hidden.shape)} minus the hidden dim")
-    if hidden.dtype != weight.dtype:
-        raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
+    check_head_inputs(hidden, weight, labels, bias)
     if hidden.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"the fused lm_head takes fp32, bf16 or fp16 inputs, got {hidden.dtype}")
-    if bias is not None and bias.shape != weight.shape[:1]:
-        raise ValueError(f"bias {tuple(bias.shape)} must be [V] = [{weight.shape[0]}]")
     if not temperature > 0 or not math.isfinite(temperature):
         raise ValueError(f"temperature must be > 0, got {temperature}")
     opts = replace(options or FusedHeadOptions(), ignore_index=int(ignore_index), temperature=float(temperature))

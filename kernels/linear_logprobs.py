@@ -40,7 +40,7 @@ import torch
 
 from ._dispatch import TRITON_INTERPRETER
 from ._launch import multiprocessors
-from .logprobs import MAX_BLOCK_V, RowOptions, check_labels, make_options, row_grad, row_stats
+from .logprobs import MAX_BLOCK_V, RowOptions, check_head_inputs, check_labels, make_options, row_grad, row_stats
 
 # Set to 1 to run the fused Triton lm_head (fused_head.py) where linear_logprobs is called.
 FUSED_HEAD_ENV = "FASTALIGN_FUSED_HEAD"
@@ -222,14 +222,7 @@ def linear_logprobs(
     runs the fused Triton lm_head instead (``fused_head.py``: logits never leave the chip); see
     ``head_choice`` for why it is not yet the default.
     """
-    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} must be [..., H] and [V, H]")
-    if labels.shape != hidden.shape[:-1]:
-        raise ValueError(f"labels {tuple(labels.shape)} must match hidden {tuple(hidden.shape)} minus the hidden dim")
-    if hidden.dtype != weight.dtype:
-        raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
-    if bias is not None and bias.shape != weight.shape[:1]:
-        raise ValueError(f"bias {tuple(bias.shape)} must be [V] = [{weight.shape[0]}]")
+    check_head_inputs(hidden, weight, labels, bias)
     if head_choice(hidden.device, backend)[0] == "fused":
         from .fused_head import fused_linear_logprobs
 

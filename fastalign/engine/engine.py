@@ -104,23 +104,25 @@ class Engine:
         reads (the fused head's ``lm_head.weight``) and routes the gradients back."""
         return fn(*args) if self.deepspeed is None else self.deepspeed(fn, *args)
 
-    def backward(self, loss: torch.Tensor, last: bool | None = None) -> None:
-        """Accumulate the gradient of ``loss``, already scaled to its share of the optimizer step.
-        ``last``: whether this is the step's last micro-batch, for DeepSpeed (None: DeepSpeed
-        counts ``gradient_accumulation_steps`` micro-batches to find it)."""
+    def accumulate(self, loss: torch.Tensor, last: bool) -> None:
+        """Add the gradient of ``loss``, already scaled to its share of the optimizer step, to the
+        step's sum; ``last``: whether it is the step's last micro-batch. Never steps: ``step()`` does,
+        with or without DeepSpeed."""
         if self.deepspeed is None:
             loss.backward()
             return
-        # ZeRO averages gradients over processes and DeepSpeed steps only at the accumulation
-        # boundary; fastalign's loss is already the step's share.
-        if last is not None:
-            self.deepspeed.set_gradient_accumulation_boundary(last)
+        # ZeRO averages gradients over processes (fastalign's loss is already the step's share, hence
+        # the world size) and reduces them at the boundary, which ``last`` sets.
+        self.deepspeed.set_gradient_accumulation_boundary(last)
         self.deepspeed.backward(loss * self.world_size, scale_wrt_gas=False)
-        self.deepspeed.step()
+        if not last:
+            self.deepspeed.step()  # DeepSpeed's count of a micro-step; before the boundary nothing steps
 
     def step(self) -> float:
-        """Clip, step the optimizer and the schedule, zero the gradients; the pre-clip grad norm."""
+        """Clip, step the optimizer and the schedule, zero the gradients; the pre-clip grad norm.
+        Call it after the step's last ``accumulate(..., last=True)``."""
         if self.deepspeed is not None:
+            self.deepspeed.step()  # at the boundary: clips, steps the optimizer and the schedule
             norm = self.deepspeed.get_global_grad_norm()
             return float("nan") if norm is None else float(norm)
         params = [p for group in self.optimizer.param_groups for p in group["params"]]

@@ -127,7 +127,7 @@ class LossPasses(Checkpointing):
                         f"non-finite loss ({loss_sum.item()}) at step {self.global_step}: stopping before the "
                         "weights are touched (lower the learning rate, check the data, or try fp32)"
                     )
-                self.engine.backward(loss_sum * (1.0 / total_weight if counts else 0.0), last=k == len(share) - 1)
+                self.engine.accumulate(loss_sum * (1.0 / total_weight if counts else 0.0), last=k == len(share) - 1)
             if counts:  # counted on the batch as given (on the host): no device sync
                 totals["_loss"] += loss_sum.item()
                 totals["_weight"] += self.batch_weight(batch)

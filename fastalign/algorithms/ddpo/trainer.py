@@ -256,11 +256,12 @@ class DDPOTrainer(Checkpointing):
             # DDPOConfig's checks make every optimizer step whole: an epoch's samples are a multiple of one.
             for b, start in enumerate(range(0, c.samples_per_epoch, c.train_batch_size), start=1):
                 batch = {k: v[start:start + c.train_batch_size] for k, v in shuffled.items()}
+                ends_step = b % c.train_gradient_accumulation_steps == 0
                 for j in range(c.num_train_timesteps):
                     loss, approx_kl, clipfrac = self._step_loss(batch, j)
-                    self.engine.backward(loss / per_step)
+                    self.engine.accumulate(loss / per_step, last=ends_step and j == c.num_train_timesteps - 1)
                     stats.append(torch.stack([loss.detach(), approx_kl, clipfrac]))
-                if b % c.train_gradient_accumulation_steps == 0:
+                if ends_step:
                     grad_norm = self.engine.step()
                     self.global_step += 1
                     means = (torch.stack(stats).double().sum(0) / per_step).tolist()  # one device sync per step

@@ -297,7 +297,7 @@ class PPOTrainer(Checkpointing):
         """``ppo_epochs`` passes of shuffled mini-batches; ``(stats per mini-batch, passes run)``."""
         c = self.config
         units = r.units()
-        scale = 1.0 / (c.gradient_accumulation_steps * self.world_size)  # engine.backward: x world_size
+        scale = 1.0 / (c.gradient_accumulation_steps * self.world_size)  # engine.accumulate: x world_size
         all_stats, epochs = [], 0
         self.model.eval()  # as in TRL 0.7.10, whose forwards all run with dropout off
         for _ in range(c.ppo_epochs):
@@ -311,8 +311,9 @@ class PPOTrainer(Checkpointing):
                        "advantages": r.advantages[src], "returns": r.returns[src]}
                 with self.engine.autocast():
                     loss, stats = self.engine.forward(self._minibatch_loss, batch, old)
-                self.engine.backward(loss * scale)
-                if (start // c.mini_batch_size + 1) % c.gradient_accumulation_steps == 0:
+                ends_step = (start // c.mini_batch_size + 1) % c.gradient_accumulation_steps == 0
+                self.engine.accumulate(loss * scale, last=ends_step)
+                if ends_step:
                     self.engine.step()
                 all_stats.append(stats)
             if c.early_stopping:

@@ -134,10 +134,10 @@ def tokenize_sft(
 ):
     """``(sequences, report)`` for SFT from any iterable of row mappings, in memory: the small-data
     form of what the trainers read from a token store (``fastalign.data.store``)."""
-    from .store import SFT_HALVES, TokenStore, tokenize_rows
+    from .store import SFT_HALVES, sft_store, tokenize_rows
 
     encode = SFTEncoder(tokenizer, dataset_text_field, formatting_func, max_length, truncation_mode,
                         completion_only_loss)
-    store = TokenStore(tokenize_rows(rows, encode, SFT_HALVES), SFT_HALVES)
+    store = sft_store(tokenize_rows(rows, encode, SFT_HALVES))
     sequences = [store.unit(i)[0] for i in store.kept]
     return [Sequence(s.input_ids.tolist(), s.loss_mask.tolist()) for s in sequences], store.report

@@ -72,9 +72,7 @@ def tokenize_rows(rows, encode, halves: tuple[str, ...], *, num_proc: int | None
     ``engine.distributed.local_main_first``; the data layer knows no processes of its own).
     """
     if not isinstance(rows, datasets.Dataset):  # a list of rows: one call, in memory
-        rows = list(rows)
-        return pa.table(encode([dict(r) if isinstance(r, dict) else r for r in rows], list(range(len(rows)))),
-                        schema=features(halves).arrow_schema)
+        return encode_table([dict(r) if isinstance(r, dict) else r for r in rows], encode, halves)
     num_proc = default_num_proc(len(rows)) if num_proc is None else num_proc
     with main_first(), _progress_bars(progress):
         table = rows.map(
@@ -83,6 +81,16 @@ def tokenize_rows(rows, encode, halves: tuple[str, ...], *, num_proc: int | None
             desc=desc,
         )
     return table.data.table
+
+
+def encode_table(rows: list, encode, halves: tuple[str, ...], first: int = 0) -> pa.Table:
+    """The token table of rows held in memory, the first being row ``first`` of the data set."""
+    return pa.table(encode(rows, list(range(first, first + len(rows)))), schema=features(halves).arrow_schema)
+
+
+def store_of(table: pa.Table, halves: tuple[str, ...]) -> TokenStore:
+    """The ``TokenStore`` of a token table: of pairs, or of SFT rows."""
+    return pair_store(table) if halves == PAIR_HALVES else sft_store(table)
 
 
 def sft_store(table: pa.Table) -> TokenStore:
@@ -102,16 +110,14 @@ class Stream:
     rows: datasets.IterableDataset
     encode: object
     halves: tuple[str, ...]
-    make_store: object
 
 
 def token_data(rows, encode, halves, **options):
     """``rows`` tokenized by ``encode`` (``options`` as ``tokenize_rows``'): a ``TokenStore``, or for
     a streamed data set a ``Stream`` (tokenized as it is read)."""
-    make_store = pair_store if halves == PAIR_HALVES else sft_store
     if isinstance(rows, datasets.IterableDataset):
-        return Stream(rows, encode, halves, make_store)
-    return make_store(tokenize_rows(rows, encode, halves, **options))
+        return Stream(rows, encode, halves)
+    return store_of(tokenize_rows(rows, encode, halves, **options), halves)
 
 
 @contextlib.contextmanager
@@ -256,9 +262,9 @@ class StreamBatches:
     there by skipping rows, not tokenizing them.
     """
 
-    def __init__(self, rows, encode, halves, make_store, plan, window: int, seed: int | None):
-        self.rows, self.encode, self.schema = rows, encode, features(halves).arrow_schema
-        self.make_store, self.plan_of, self.window_rows, self.seed = make_store, plan, window, seed
+    def __init__(self, rows, encode, halves, plan, window: int, seed: int | None):
+        self.rows, self.encode, self.halves = rows, encode, halves
+        self.plan_of, self.window_rows, self.seed = plan, window, seed
         self.epoch, self.start, self.used = 0, 0, 0  # the position: see state()
         self.window: Batches | None = None
         self.window_len = 0  # rows in the current window
@@ -287,8 +293,7 @@ class StreamBatches:
                 self.epoch, self.start, self._reader = self.epoch + 1, 0, None
                 continue
             rows = _rows_of(batch)
-            store = self.make_store(pa.table(self.encode(rows, list(range(self.start, self.start + len(rows)))),
-                                             schema=self.schema))
+            store = store_of(encode_table(rows, self.encode, self.halves, self.start), self.halves)
             self.window_len = len(rows)
             if len(store.kept):
                 self.window, self.used = Batches(store, self.plan_of(store)), 0

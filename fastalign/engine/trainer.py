@@ -178,7 +178,7 @@ class Trainer(LossPasses):
 
     def make_batches(self, data: TokenStore | Stream) -> Batches | StreamBatches:
         if isinstance(data, Stream):
-            return StreamBatches(data.rows, data.encode, data.halves, data.make_store, self.plan,
+            return StreamBatches(data.rows, data.encode, data.halves, self.plan,
                                  self.args.stream_window_rows, self.args.seed if self.args.shuffle else None)
         return Batches(data, self.plan(data))
 

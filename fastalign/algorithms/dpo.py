@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from fastalign.engine import TrainingConfig, distributed
 from fastalign.kernels import LOSS_TYPES, fused_preference_loss
-from fastalign.models import lm_head, load_model, packed_hidden, prepare_model, sequence_logprobs
+from fastalign.models import eval_mode, lm_head, load_model, packed_hidden, prepare_model, sequence_logprobs
 
 from .pairs import PairTrainer
 
@@ -117,12 +117,8 @@ class DPOTrainer(PairTrainer):
         if "ref_logps" in batch.extras:
             return batch.extras["ref_logps"]
         model = self.ref_model if self.ref_model is not None else self.model
-        with torch.no_grad(), self._reference_context():
-            was = model.training
-            model.eval()
-            out = sequence_logprobs(model, batch, average=self.args.average_log_prob)
-            model.train(was)
-        return out
+        with torch.no_grad(), self._reference_context(), eval_mode(model):
+            return sequence_logprobs(model, batch, average=self.args.average_log_prob)
 
     def _precompute(self, batches, name) -> None:
         """Every pair's reference log-probs, in one pass shared out over the processes like the

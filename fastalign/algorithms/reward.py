@@ -22,7 +22,7 @@ import torch
 
 from fastalign.engine import TrainingConfig
 from fastalign.kernels import reward_loss
-from fastalign.models import load_reward_model, packed_scores, prepare_model
+from fastalign.models import eval_mode, load_reward_model, packed_scores, prepare_model
 
 from .pairs import PairTrainer
 
@@ -65,8 +65,5 @@ class RewardTrainer(PairTrainer):
     @torch.no_grad()
     def score(self, batch) -> torch.Tensor:
         """The rewards ``[S]`` of a packed batch's sequences (eval mode)."""
-        was = self.model.training
-        self.model.eval()
-        out = self.engine.forward(packed_scores, self.model, batch.to(self.engine.device))
-        self.model.train(was)
-        return out
+        with eval_mode(self.model):
+            return self.engine.forward(packed_scores, self.model, batch.to(self.engine.device))

@@ -9,6 +9,7 @@ from .loading import (
     load_tokenizer,
     prepare_model,
 )
+from .modes import eval_mode, train_mode
 from .packed import (
     body,
     gathered,
@@ -24,6 +25,6 @@ from .value_head import CausalLMWithValueHead, packed_logprobs_and_values
 
 __all__ = [
     "BUILTIN", "attention_backend", "body", "lm_head", "load_model", "load_tokenizer", "packed_hidden", "packed_logprobs",
-    "CausalLMWithValueHead", "packed_logprobs_and_values",
+    "CausalLMWithValueHead", "packed_logprobs_and_values", "eval_mode", "train_mode",
     "as_reward_model", "load_reward_model", "prepare_model", "gathered", "head_logprobs", "packed_scores", "score_head", "sequence_logprobs",
 ]

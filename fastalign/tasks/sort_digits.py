@@ -231,18 +231,15 @@ def evaluate(model, tokenizer, rows, max_new_tokens: int | None = None, batch_si
     """
     import torch
 
+    from fastalign.models.modes import eval_mode
+
     prompts = [row["prompt"] for row in rows]
     if not prompts:
         raise ValueError("evaluate needs at least one row")
     if max_new_tokens is None:
         max_new_tokens = max(len(digits_of(p)) for p in prompts) + 1
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            answers = generate(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size)
-    finally:
-        model.train(was_training)
+    with torch.no_grad(), eval_mode(model):
+        answers = generate(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size)
     exact = [is_sorted_answer(p, a) for p, a in zip(prompts, answers)]
     rewards = [sortedness_reward(p, a) for p, a in zip(prompts, answers)]
     return {"exact_sorted": sum(exact) / len(exact), "reward_mean": sum(rewards) / len(rewards)}

@@ -12,6 +12,8 @@ import contextlib
 
 import torch
 
+from fastalign.models.modes import eval_mode
+
 
 def generate_responses(model, query_tensor, *, device, pad_token_id: int, length_sampler, batch_size: int,
                        return_prompt: bool, remove_padding: bool, context, kwargs: dict):
@@ -21,31 +23,26 @@ def generate_responses(model, query_tensor, *, device, pad_token_id: int, length
     draws ``max_new_tokens`` per generation batch."""
     single = torch.is_tensor(query_tensor) and query_tensor.dim() == 1
     queries = [query_tensor] if single else list(query_tensor)
-    was = model.training
-    model.eval()
     outputs = []
-    try:
-        with context:
-            for start in range(0, len(queries), batch_size):
-                chunk = [q.to(device).long() for q in queries[start:start + batch_size]]
-                if length_sampler is not None:
-                    kwargs["max_new_tokens"] = length_sampler()
-                width = max(len(q) for q in chunk)
-                ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long, device=device)
-                attention = torch.zeros_like(ids)
-                for k, q in enumerate(chunk):  # left padding
-                    ids[k, width - len(q):] = q
-                    attention[k, width - len(q):] = 1
-                generated = model.generate(input_ids=ids, attention_mask=attention, **kwargs)
-                for k, q in enumerate(chunk):
-                    new = generated[k, width:]
-                    if remove_padding and kwargs.get("eos_token_id") is not None:
-                        ends = (new == kwargs["eos_token_id"]).nonzero()
-                        if len(ends):
-                            new = new[:int(ends[0]) + 1]  # keep the end-of-sequence token
-                    outputs.append(torch.cat([q, new]) if return_prompt else new)
-    finally:
-        model.train(was)
+    with eval_mode(model), context:
+        for start in range(0, len(queries), batch_size):
+            chunk = [q.to(device).long() for q in queries[start:start + batch_size]]
+            if length_sampler is not None:
+                kwargs["max_new_tokens"] = length_sampler()
+            width = max(len(q) for q in chunk)
+            ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long, device=device)
+            attention = torch.zeros_like(ids)
+            for k, q in enumerate(chunk):  # left padding
+                ids[k, width - len(q):] = q
+                attention[k, width - len(q):] = 1
+            generated = model.generate(input_ids=ids, attention_mask=attention, **kwargs)
+            for k, q in enumerate(chunk):
+                new = generated[k, width:]
+                if remove_padding and kwargs.get("eos_token_id") is not None:
+                    ends = (new == kwargs["eos_token_id"]).nonzero()
+                    if len(ends):
+                        new = new[:int(ends[0]) + 1]  # keep the end-of-sequence token
+                outputs.append(torch.cat([q, new]) if return_prompt else new)
     return outputs[0].unsqueeze(0) if single else outputs
 
 

@@ -13,17 +13,20 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import triton
 
 # Multiprocessors assumed where the device has none to ask (the CPU under Triton's interpreter,
 # where every program runs one after another: few programs, but enough to exercise every split).
 SMS_OFF_GPU = 4
+# The widest vocabulary tile of the row kernels (logprobs.py, kl.py): 16 elements a thread at 8 warps.
+MAX_BLOCK_V = 4096
 
 
-def multiprocessors(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (132 on an H100/H200), ``SMS_OFF_GPU`` elsewhere."""
+def multiprocessors(device: torch.device, off_gpu: int = SMS_OFF_GPU) -> int:
+    """Streaming multiprocessors of a CUDA device (132 on an H100/H200), ``off_gpu`` elsewhere."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
-    return SMS_OFF_GPU
+    return off_gpu
 
 
 @dataclass
@@ -40,6 +43,13 @@ class Launch:
     def programs(self) -> int:
         return math.prod(self.grid)
 
-    def __call__(self):
+    def __call__(self) -> None:
         if self.programs:
             self.kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps)
+
+
+def row_launch(kernel: object, rows: int, vocab: int, args: tuple, **constexprs: object) -> Launch:
+    """A row kernel's launch: one program per row, vocabulary tiles ``BLOCK_V`` of up to
+    ``MAX_BLOCK_V`` columns (a power of two), 8 warps from 2048 columns on (4 below)."""
+    block = min(triton.next_power_of_2(vocab), MAX_BLOCK_V)
+    return Launch(kernel, (rows,), args, {**constexprs, "BLOCK_V": block}, 8 if block >= 2048 else 4)

@@ -50,8 +50,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import Launch
-from .logprobs import RowOptions, _row_block, as_rows, make_options
+from ._launch import Launch, row_launch
+from .logprobs import RowOptions, as_rows, make_options, row_chunks
 
 KINDS = ("kl", "abs", "mse", "k3", "full")
 
@@ -142,29 +142,28 @@ def _full_kl_grad_kernel(
             tl.store(DY + b * stride_dyb + t * stride_dyt + cols, dy.to(DY.dtype.element_ty), mask=mask)
 
 
-def full_kl_launch(x3, y3, norm, kl) -> Launch:
+def full_kl_launch(x3: torch.Tensor, y3: torch.Tensor, norm: torch.Tensor, kl: torch.Tensor) -> Launch:
     """The launch of ``_full_kl_kernel`` over ``x3``/``y3 [B, T, V]``: one program per row."""
     B, T, V = x3.shape
-    cfg = _row_block(V)
-    return Launch(
-        _full_kl_kernel, (B * T,),
-        (x3, x3.stride(0), x3.stride(1), y3, y3.stride(0), y3.stride(1), T, norm, kl, V),
-        {"BLOCK_V": cfg["BLOCK_V"]}, cfg["num_warps"],
+    return row_launch(
+        _full_kl_kernel, B * T, V, (x3, x3.stride(0), x3.stride(1), y3, y3.stride(0), y3.stride(1), T, norm, kl, V)
     )
 
 
-def full_kl_grad_launch(x3, y3, dx3, dy3, norm, kl, g) -> Launch:
+def full_kl_grad_launch(
+    x3: torch.Tensor, y3: torch.Tensor, dx3: torch.Tensor | None, dy3: torch.Tensor | None,
+    norm: torch.Tensor, kl: torch.Tensor, g: torch.Tensor,
+) -> Launch:
     """The launch of ``_full_kl_grad_kernel``; a gradient not asked for gets the other's pointer
     and is not written."""
     B, T, V = x3.shape
-    cfg = _row_block(V)
     px = dx3 if dx3 is not None else dy3
     py = dy3 if dy3 is not None else dx3
-    return Launch(
-        _full_kl_grad_kernel, (B * T,),
+    return row_launch(
+        _full_kl_grad_kernel, B * T, V,
         (x3, x3.stride(0), x3.stride(1), y3, y3.stride(0), y3.stride(1), T,
          px, px.stride(0), px.stride(1), py, py.stride(0), py.stride(1), norm, kl, g, V),
-        {"NEED_DX": dx3 is not None, "NEED_DY": dy3 is not None, "BLOCK_V": cfg["BLOCK_V"]}, cfg["num_warps"],
+        NEED_DX=dx3 is not None, NEED_DY=dy3 is not None,
     )
 
 
@@ -185,25 +184,17 @@ def _full_kl_grad_triton(x3, y3, dx3, dy3, norm, kl, g, opts):
 # ----------------------------------------------------------------------------------------------
 
 
-def _row_chunks(shape, opts: RowOptions):
-    B, T, V = shape
-    step = opts.rows_per_chunk(V)
-    for b in range(B):
-        for start in range(0, T, step):
-            yield b, start, min(start + step, T)
-
-
 def _normaliser(z):
     """``(max, log sum e^{z - max})`` of each row of fp32 ``z``, kept apart as in the row kernels."""
     m = z.amax(dim=-1, keepdim=True)
     return m, (z - m).exp().sum(-1, keepdim=True).log()
 
 
-def _full_kl_stats_torch(x3, y3, opts):
+def _full_kl_stats_torch(x3, y3, opts: RowOptions):
     B, T, _ = x3.shape
     norm = torch.empty(B, T, 4, dtype=torch.float32, device=x3.device)
     kl = torch.empty(B, T, dtype=torch.float32, device=x3.device)
-    for b, s, e in _row_chunks(x3.shape, opts):
+    for b, s, e in row_chunks(x3, opts):
         z, w = x3[b, s:e].float(), y3[b, s:e].float()
         m_x, ls_x = _normaliser(z)
         m_y, ls_y = _normaliser(w)
@@ -215,8 +206,8 @@ def _full_kl_stats_torch(x3, y3, opts):
     return kl, norm
 
 
-def _full_kl_grad_torch(x3, y3, dx3, dy3, norm, kl, g, opts):
-    for b, s, e in _row_chunks(x3.shape, opts):
+def _full_kl_grad_torch(x3, y3, dx3, dy3, norm, kl, g, opts: RowOptions):
+    for b, s, e in row_chunks(x3, opts):
         nm = norm[b, s:e]
         logp = (x3[b, s:e].float() - nm[:, 0:1]).sub_(nm[:, 1:2])  # never in place over the inputs
         logq = (y3[b, s:e].float() - nm[:, 2:3]).sub_(nm[:, 3:4])

@@ -39,8 +39,8 @@ from dataclasses import dataclass
 import torch
 
 from ._dispatch import TRITON_INTERPRETER
-from ._launch import multiprocessors
-from .logprobs import MAX_BLOCK_V, RowOptions, check_head_inputs, check_labels, make_options, row_grad, row_stats
+from ._launch import MAX_BLOCK_V, multiprocessors
+from .logprobs import RowOptions, check_head_inputs, check_labels, make_options, row_grad, row_stats
 
 # Set to 1 to run the fused Triton lm_head (fused_head.py) where linear_logprobs is called.
 FUSED_HEAD_ENV = "FASTALIGN_FUSED_HEAD"

@@ -28,6 +28,7 @@ Public ops: ``selective_logprobs`` (the log-prob of each label) and ``entropy_fr
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -35,12 +36,10 @@ import triton
 import triton.language as tl
 
 from ._dispatch import resolve_backend
-from ._launch import Launch
+from ._launch import Launch, row_launch
 
 # Torch path: rows per chunk so that one chunk's fp32 temporaries stay within this many bytes.
 CHUNK_BYTES = 16 * 2**20
-# Triton path: the widest vocabulary tile of the row kernels (16 elements per thread at 8 warps).
-MAX_BLOCK_V = 4096
 
 
 @dataclass(frozen=True)
@@ -207,38 +206,35 @@ def _row_grad_kernel(
         tl.store(dx_row + cols, dz.to(DX.dtype.element_ty), mask=mask)
 
 
-def _row_block(vocab: int) -> dict:
-    """Tile width and warps of the row kernels: 4096-wide tiles, 16 elements per thread."""
-    block = min(triton.next_power_of_2(vocab), MAX_BLOCK_V)
-    return {"BLOCK_V": block, "num_warps": 8 if block >= 2048 else 4}
-
-
-def row_stats_launch(x3, labels, logp, norm, ent, opts) -> Launch:
+def row_stats_launch(
+    x3: torch.Tensor, labels: torch.Tensor | None, logp: torch.Tensor | None, norm: torch.Tensor,
+    ent: torch.Tensor | None, opts: RowOptions,
+) -> Launch:
     """The launch of ``_row_stats_kernel`` over ``x3 [B, T, V]``: one program per row."""
     B, T, V = x3.shape
-    cfg = _row_block(V)
-    return Launch(
-        _row_stats_kernel, (B * T,),
+    return row_launch(
+        _row_stats_kernel, B * T, V,
         (x3, x3.stride(0), x3.stride(1), T,
          labels if labels is not None else norm, logp if logp is not None else norm, norm,
          ent if ent is not None else norm, V, opts.temperature, opts.ignore_index),
-        {"HAS_LABELS": labels is not None, "WITH_ENTROPY": ent is not None, "BLOCK_V": cfg["BLOCK_V"]},
-        cfg["num_warps"],
+        HAS_LABELS=labels is not None, WITH_ENTROPY=ent is not None,
     )
 
 
-def row_grad_launch(x3, out3, labels, norm, ent, g_logp, g_ent, opts, col0=0) -> Launch:
+def row_grad_launch(
+    x3: torch.Tensor, out3: torch.Tensor, labels: torch.Tensor | None, norm: torch.Tensor,
+    ent: torch.Tensor | None, g_logp: torch.Tensor | None, g_ent: torch.Tensor | None, opts: RowOptions,
+    col0: int = 0,
+) -> Launch:
     """The launch of ``_row_grad_kernel``: ``out3`` gets dL/dx of ``x3 [B, T, V]``, one program per row."""
     B, T, V = x3.shape
-    cfg = _row_block(V)
-    return Launch(
-        _row_grad_kernel, (B * T,),
+    return row_launch(
+        _row_grad_kernel, B * T, V,
         (x3, x3.stride(0), x3.stride(1), T, out3, out3.stride(0), out3.stride(1),
          labels if labels is not None else norm, norm, ent if g_ent is not None else norm,
          g_logp if g_logp is not None else norm, g_ent if g_ent is not None else norm,
          V, col0, opts.temperature, opts.ignore_index),
-        {"HAS_LABELS": labels is not None, "WITH_ENTROPY": g_ent is not None, "BLOCK_V": cfg["BLOCK_V"]},
-        cfg["num_warps"],
+        HAS_LABELS=labels is not None, WITH_ENTROPY=g_ent is not None,
     )
 
 
@@ -260,8 +256,8 @@ def _row_grad_triton(x3, out3, labels, norm, ent, g_logp, g_ent, opts, col0):
 # ----------------------------------------------------------------------------------------------
 
 
-def _chunks(x3: torch.Tensor, opts: RowOptions):
-    """(b, start, end) over every row of ``x3``, ``opts.rows_per_chunk`` rows at a time."""
+def row_chunks(x3: torch.Tensor, opts: RowOptions) -> Iterator[tuple[int, int, int]]:
+    """``(b, start, end)`` over every row of ``x3 [B, T, V]``, ``opts.rows_per_chunk`` rows at a time."""
     B, T, V = x3.shape
     step = opts.rows_per_chunk(V)
     for b in range(B):
@@ -274,7 +270,7 @@ def _row_stats_torch(x3, labels, opts, with_entropy):
     norm = torch.empty(B, T, 2, dtype=torch.float32, device=x3.device)
     logp = torch.empty(B, T, dtype=torch.float32, device=x3.device) if labels is not None else None
     ent = torch.empty(B, T, dtype=torch.float32, device=x3.device) if with_entropy else None
-    for b, s, e in _chunks(x3, opts):
+    for b, s, e in row_chunks(x3, opts):
         z = x3[b, s:e].float()
         if opts.temperature != 1.0:
             z = z / opts.temperature
@@ -303,7 +299,7 @@ def _row_grad_torch(x3, out3, labels, norm, ent, g_logp, g_ent, opts, col0):
     # chunk-sized fp32 buffer copied out at the end.
     direct = out3.dtype == torch.float32
     inv_temp = 1.0 / opts.temperature
-    for b, s, e in _chunks(x3, opts):
+    for b, s, e in row_chunks(x3, opts):
         x = x3[b, s:e]
         buf = out3[b, s:e] if direct else torch.empty(x.shape, dtype=torch.float32, device=x.device)
         if x.dtype == torch.float32 and opts.temperature == 1.0:

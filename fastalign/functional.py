@@ -30,7 +30,7 @@ from fastalign.kernels import (
 )
 from fastalign.kernels.ddpo import ddim_step_with_logprob, ddpo_loss
 from fastalign.kernels.gae import compute_advantages, gae
-from fastalign.kernels.kl import compute_rewards, compute_rewards_packed, full_kl, kl_penalty
+from fastalign.kernels.kl import full_kl, kl_penalty
 from fastalign.kernels.ppo import ppo_loss
 from fastalign.kernels.rl import (
     AdaptiveKLController,
@@ -41,6 +41,7 @@ from fastalign.kernels.rl import (
     masked_var,
     masked_whiten,
 )
+from fastalign.kernels.shaping import compute_rewards, compute_rewards_packed
 
 
 def dpo_loss(

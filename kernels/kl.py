@@ -1,4 +1,4 @@
-"""KL penalties per token and the PPO reward shaping built on them.
+"""KL penalties per token: the log-prob difference in four forms, and the exact KL over the vocabulary.
 
 With ``d = logp - logp_ref`` the log-prob of the sampled token under the policy minus that under
 the reference model, the per-token penalty of each kind is (TRL 0.7.10's kinds, plus ``k3``):
@@ -33,15 +33,7 @@ with upstream gradient ``g`` per row,
 
 re-reading the logits tile by tile. Everything accumulates in fp32 whatever the input dtype.
 
-Reward shaping (``compute_rewards``, padded ``[B, T]``; ``compute_rewards_packed``, one packed row):
-
-    kls         = penalty per token
-    non_score   = -kl_coef * kls
-    rewards     = non_score, plus the sequence's score at its LAST position whose mask is 1
-
-As in TRL 0.7.10 the penalty is not zeroed where the mask is 0 (prompt or padding positions keep
-theirs); GAE multiplies rewards by the mask before using them, so nothing of it leaks into the
-advantages.
+PPO's reward shaping, built on these penalties, is ``shaping.py``.
 """
 
 from __future__ import annotations
@@ -299,25 +291,6 @@ def full_kl(logits, ref_logits, *, chunk_size=None, backend=None):
     return _FullKL.apply(logits, ref_logits, opts)
 
 
-def _penalty(logprob, ref_logprob, kind, backend):
-    if kind not in KINDS:
-        raise ValueError(f"unknown KL penalty kind {kind!r}; expected one of {KINDS}")
-    if kind == "full":
-        return full_kl(logprob, ref_logprob, backend=backend)
-    if logprob.shape != ref_logprob.shape:
-        raise ValueError(
-            f"logprob {tuple(logprob.shape)} and ref_logprob {tuple(ref_logprob.shape)} must have the same shape"
-        )
-    d = logprob - ref_logprob
-    if kind == "kl":
-        return d
-    if kind == "abs":
-        return d.abs()
-    if kind == "mse":
-        return 0.5 * d.square()
-    return _k3(d)
-
-
 def _k3(d):
     """``e^{-d} - 1 + d`` accurate to fp32 for every ``d``.
 
@@ -338,100 +311,29 @@ def kl_penalty(logprob, ref_logprob, kind="kl", *, backend=None):
     ``[..., V]`` of policy and reference, the exact KL over the vocabulary, fp32 ``[...]``, fused
     (Triton on CUDA, chunked torch elsewhere).
     """
-    return _penalty(logprob, ref_logprob, kind, backend)
-
-
-def _check_penalty_shapes(kind, logprobs, ref_logprobs, mask, mask_name):
-    token_shape = logprobs.shape[:-1] if kind == "full" else logprobs.shape
-    if token_shape != mask.shape:
-        what = "logprobs minus the vocabulary dim" if kind == "full" else "logprobs"
-        raise ValueError(f"{mask_name} {tuple(mask.shape)} must match {what} {tuple(logprobs.shape)}")
-    if ref_logprobs.shape != logprobs.shape:
+    if kind not in KINDS:
+        raise ValueError(f"unknown KL penalty kind {kind!r}; expected one of {KINDS}")
+    if kind == "full":
+        return full_kl(logprob, ref_logprob, backend=backend)
+    if logprob.shape != ref_logprob.shape:
         raise ValueError(
-            f"ref_logprobs {tuple(ref_logprobs.shape)} must match logprobs {tuple(logprobs.shape)}"
+            f"logprob {tuple(logprob.shape)} and ref_logprob {tuple(ref_logprob.shape)} must have the same shape"
         )
+    d = logprob - ref_logprob
+    if kind == "kl":
+        return d
+    if kind == "abs":
+        return d.abs()
+    if kind == "mse":
+        return 0.5 * d.square()
+    return _k3(d)
 
 
-def compute_rewards(scores, logprobs, ref_logprobs, masks, kl_coef, kl_penalty="kl", *, backend=None):
-    """PPO rewards over a padded batch: ``(rewards, non_score_rewards, kls)``, each ``[B, T]``.
+def __getattr__(name: str) -> object:
+    # Temporary: the reward shaping moved to shaping.py; this keeps `from fastalign.kernels.kl import
+    # compute_rewards_packed` working until its last importer is updated.
+    if name == "compute_rewards_packed":
+        from . import shaping
 
-    ``scores [B]`` (one per sequence), ``logprobs``/``ref_logprobs [B, T]`` (``[B, T, V]`` logits
-    for ``kl_penalty="full"``), ``masks [B, T]`` 0/1 with any padding (left, right, holes).
-    ``kls`` is the per-token penalty, ``non_score_rewards = -kl_coef * kls``, and ``rewards`` adds
-    ``scores[b]`` at the last position of row ``b`` whose mask is 1. Masked positions keep their
-    penalty, as in TRL 0.7.10. A row with no mask-1 position raises ValueError.
-    """
-    if kl_penalty not in KINDS:
-        raise ValueError(f"unknown KL penalty kind {kl_penalty!r}; expected one of {KINDS}")
-    if masks.dim() != 2:
-        raise ValueError(f"masks must be [B, T], got shape {tuple(masks.shape)}")
-    _check_penalty_shapes(kl_penalty, logprobs, ref_logprobs, masks, "masks")
-    if scores.shape != masks.shape[:1]:
-        raise ValueError(f"scores {tuple(scores.shape)} must be one per row: [{masks.shape[0]}]")
-    present = masks != 0
-    empty = (~present.any(-1)).nonzero().flatten().tolist()
-    if empty:
-        raise ValueError(f"masks row(s) {empty} have no position with mask 1: nowhere to put the score")
-
-    kls = _penalty(logprobs, ref_logprobs, kl_penalty, backend)
-    non_score_rewards = -kl_coef * kls
-    T = masks.shape[1]
-    last = (T - 1) - present.flip(-1).int().argmax(-1)  # last position with mask 1, per row
-    bonus = torch.zeros_like(non_score_rewards)
-    bonus[torch.arange(masks.shape[0], device=masks.device), last] = scores.to(bonus.dtype)
-    return non_score_rewards + bonus, non_score_rewards, kls
-
-
-def _check_cu_seqlens(cu_seqlens, n, s):
-    if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype == torch.bool:
-        raise TypeError(f"cu_seqlens must be an integer tensor, got {cu_seqlens.dtype}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() != s + 1:
-        raise ValueError(f"cu_seqlens must be [S+1] = [{s + 1}] for {s} scores, got shape {tuple(cu_seqlens.shape)}")
-    if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != n:
-        raise ValueError(f"cu_seqlens must run from 0 to N={n}, got {cu_seqlens.tolist()}")
-    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    if (lengths < 0).any():
-        i = int((lengths < 0).nonzero()[0])
-        raise ValueError(f"cu_seqlens must not decrease: cu_seqlens[{i + 1}] < cu_seqlens[{i}]")
-
-
-def compute_rewards_packed(
-    scores, logprobs, ref_logprobs, loss_mask, cu_seqlens, kl_coef, kl_penalty="kl", *, backend=None
-):
-    """PPO rewards over one packed row: ``(rewards, non_score_rewards, kls)``, each shaped like ``loss_mask``.
-
-    ``loss_mask [N]`` or ``[1, N]`` (0/1 per token), ``cu_seqlens [S+1]`` (sequence ``s`` owns tokens
-    ``cu_seqlens[s] <= t < cu_seqlens[s+1]``), ``scores [S]``, ``logprobs``/``ref_logprobs`` shaped
-    like ``loss_mask`` (with a trailing ``V`` for ``kl_penalty="full"``). Same math as
-    ``compute_rewards``: ``scores[s]`` lands on the last token of sequence ``s`` whose loss mask is 1;
-    a sequence with none raises ValueError. Plain torch on every device (a few elementwise ops and
-    one scatter; ``full`` goes through the fused KL).
-    """
-    if kl_penalty not in KINDS:
-        raise ValueError(f"unknown KL penalty kind {kl_penalty!r}; expected one of {KINDS}")
-    if loss_mask.dim() == 2 and loss_mask.shape[0] == 1:
-        flat_mask = loss_mask[0]
-    elif loss_mask.dim() == 1:
-        flat_mask = loss_mask
-    else:
-        raise ValueError(f"loss_mask must be one packed row [N] or [1, N], got shape {tuple(loss_mask.shape)}")
-    _check_penalty_shapes(kl_penalty, logprobs, ref_logprobs, loss_mask, "loss_mask")
-    if scores.dim() != 1:
-        raise ValueError(f"scores must be [S], got shape {tuple(scores.shape)}")
-    n, s = flat_mask.shape[0], scores.shape[0]
-    _check_cu_seqlens(cu_seqlens, n, s)
-
-    # The last token with loss mask 1 of each sequence (-1 where a sequence has none).
-    pos = torch.arange(n, device=flat_mask.device)
-    seq = torch.searchsorted(cu_seqlens[1:].to(device=pos.device, dtype=torch.long), pos, right=True)
-    key = torch.where(flat_mask != 0, pos, -1)
-    last = torch.full((s,), -1, dtype=torch.long, device=pos.device).scatter_reduce(0, seq, key, "amax")
-    empty = (last < 0).nonzero().flatten().tolist()
-    if empty:
-        raise ValueError(f"sequence(s) {empty} have no token with loss_mask 1: nowhere to put the score")
-
-    kls = _penalty(logprobs, ref_logprobs, kl_penalty, backend)
-    non_score_rewards = -kl_coef * kls
-    bonus = torch.zeros(n, dtype=non_score_rewards.dtype, device=non_score_rewards.device)
-    bonus[last] = scores.to(bonus.dtype)
-    return non_score_rewards + bonus.view(non_score_rewards.shape), non_score_rewards, kls
+        return getattr(shaping, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -71,7 +71,22 @@ class _SegmentSumTriton(torch.autograd.Function):
         return grad[seq_index], None, None
 
 
-def packed_layout(values, seq_index, cu_seqlens):
+def check_cu_seqlens(cu_seqlens: torch.Tensor, n: int) -> None:
+    """``cu_seqlens`` is a layout of ``n`` tokens: an integer ``[S+1]`` running from 0 to ``n``
+    without decreasing (an empty sequence is allowed); name the first fault."""
+    if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype == torch.bool:
+        raise TypeError(f"cu_seqlens must be an integer tensor, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != n:
+        raise ValueError(f"cu_seqlens must run from 0 to N={n}, got {cu_seqlens.tolist()}")
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    if (lengths < 0).any():
+        s = int((lengths < 0).nonzero()[0])
+        raise ValueError(f"cu_seqlens must not decrease: cu_seqlens[{s + 1}] < cu_seqlens[{s}]")
+
+
+def packed_layout(
+    values: torch.Tensor, seq_index: torch.Tensor | None, cu_seqlens: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Both forms of the layout, ``(seq_index [N] int64, cu_seqlens [S+1] int32)``, checked."""
     if values.dim() != 1:
         raise ValueError(f"values must be one packed row [N], got shape {tuple(values.shape)}")
@@ -79,14 +94,10 @@ def packed_layout(values, seq_index, cu_seqlens):
         raise ValueError("give exactly one of seq_index [N] or cu_seqlens [S+1]")
     n = values.shape[0]
     if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, n)
         cu = cu_seqlens.to(device=values.device, dtype=torch.int32)
-        if cu.dim() != 1 or cu.numel() < 1 or int(cu[0]) != 0 or int(cu[-1]) != n:
-            raise ValueError(f"cu_seqlens must run from 0 to N={n}, got {cu_seqlens.tolist()}")
-        lengths = cu[1:] - cu[:-1]
-        if (lengths < 0).any():
-            s = int((lengths < 0).nonzero()[0])
-            raise ValueError(f"cu_seqlens must not decrease: cu_seqlens[{s + 1}] < cu_seqlens[{s}]")
-        idx = torch.repeat_interleave(torch.arange(lengths.numel(), device=values.device), lengths.long())
+        lengths = (cu[1:] - cu[:-1]).long()
+        idx = torch.repeat_interleave(torch.arange(lengths.numel(), device=values.device), lengths)
         return idx, cu
     if seq_index.shape != values.shape:
         raise ValueError(f"seq_index {tuple(seq_index.shape)} must match values {tuple(values.shape)}")

@@ -13,14 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastalign.kernels.kl import (
-    compute_rewards,
-    compute_rewards_packed,
-    full_kl,
-    full_kl_reference,
-    kl_penalty,
-    kl_penalty_reference,
-)
+from fastalign.kernels.kl import full_kl, full_kl_reference, kl_penalty, kl_penalty_reference
 from fastalign.kernels.ppo import ppo_loss
 from fastalign.kernels.rl import (
     AdaptiveKLController,
@@ -31,6 +24,7 @@ from fastalign.kernels.rl import (
     masked_var,
     masked_whiten,
 )
+from fastalign.kernels.shaping import compute_rewards, compute_rewards_packed
 from helpers import DEVICE, EPS, assert_close
 
 PATHS = ["torch", "triton"]

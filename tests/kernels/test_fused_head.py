@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from fastalign.kernels import fused_head as fh
+from fastalign.kernels import fused_head_kernels as fhk
 from fastalign.kernels import linear_logprobs_reference
 from fastalign.kernels.fused_head import Blocks, FusedHeadOptions, fused_linear_logprobs
 from helpers import DEVICE, EPS, assert_close
@@ -216,16 +217,16 @@ def _aot_launches():
 
     out = []
     for ent in (True, False):
-        out.append((f"fwd_ent{int(ent)}", fh._fwd_kernel, {**ptrs, **ints, "v_per_split": per},
+        out.append((f"fwd_ent{int(ent)}", fhk._fwd_kernel, {**ptrs, **ints, "v_per_split": per},
                     {**dots, "WITH_ENTROPY": ent, **tiles(blocks)}, blocks))
-        out.append((f"dlogits_ent{int(ent)}", fh._dlogits_kernel,
+        out.append((f"dlogits_ent{int(ent)}", fhk._dlogits_kernel,
                     {**ptrs, **ints, "V": step, "stride_dz": step, "col0": 0},
                     {**dots, "NEED_BIAS": False, "WITH_ENTROPY": ent, **tiles(blocks)}, blocks))
-    out.append(("atomic_ent1", fh._atomic_bwd_kernel, {**ptrs, **ints},
+    out.append(("atomic_ent1", fhk._atomic_bwd_kernel, {**ptrs, **ints},
                 {**dots, "NEED_H": True, "NEED_W": True, "NEED_BIAS": False, "WITH_ENTROPY": True, **tiles(ablocks),
                  "BLOCK_HG": ablocks.h_grad or ablocks.h},
                 ablocks))
-    out.append(("combine_ent1", fh._combine_kernel, {**ptrs, "N": n, "n_split": split, "ignore_index": -100},
+    out.append(("combine_ent1", fhk._combine_kernel, {**ptrs, "N": n, "n_split": split, "ignore_index": -100},
                 {"WITH_ENTROPY": True, "BLOCK": 128}, Blocks(n=128, v=128, h=64, num_warps=4, num_stages=1)))
     return out
 

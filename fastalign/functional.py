@@ -15,6 +15,8 @@ DDPO:           ddim_step_with_logprob, ddpo_loss, PerPromptStatTracker
 
 from __future__ import annotations
 
+import torch
+
 from fastalign.kernels import (
     COUPLED_LOSS_TYPES,
     LOSS_TYPES,
@@ -45,16 +47,16 @@ from fastalign.kernels.shaping import compute_rewards, compute_rewards_packed
 
 
 def dpo_loss(
-    policy_chosen_logps,
-    policy_rejected_logps,
-    reference_chosen_logps=None,
-    reference_rejected_logps=None,
-    beta=0.1,
-    loss_type="sigmoid",
-    label_smoothing=0.0,
-    reference_free=False,
-    **loss_options,
-):
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    reference_chosen_logps: torch.Tensor | None = None,
+    reference_rejected_logps: torch.Tensor | None = None,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    reference_free: bool = False,
+    **loss_options: float | torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(losses, chosen_rewards, rejected_rewards)`` for every DPO-family ``loss_type``.
 
     TRL 0.7.10's ``DPOTrainer.dpo_loss`` as a function; ``reference_free=True`` takes the reference
@@ -66,7 +68,13 @@ def dpo_loss(
     )
 
 
-def get_batch_logps(logits, labels, average_log_prob=False, label_pad_token_id=-100, is_encoder_decoder=False):
+def get_batch_logps(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    average_log_prob: bool = False,
+    label_pad_token_id: int = -100,
+    is_encoder_decoder: bool = False,
+) -> torch.Tensor:
     """Per-sequence log-probs ``[B]`` of a padded batch: sums, or means over the label tokens.
 
     ``logits [B, T, V]``, ``labels [B, T]`` with ``label_pad_token_id`` where no loss is taken.

@@ -31,9 +31,17 @@ def multiprocessors(device: torch.device, off_gpu: int = SMS_OFF_GPU) -> int:
 
 @dataclass
 class Launch:
-    """One kernel launch: ``kernel[grid](*args, **constexprs, num_warps=num_warps)``."""
+    """One kernel launch: ``kernel[grid](*args, **constexprs, num_warps=num_warps)``.
 
-    kernel: object  # a triton JITFunction (an InterpretedFunction under TRITON_INTERPRET=1)
+    - ``kernel``: a triton ``JITFunction`` (an ``InterpretedFunction`` under ``TRITON_INTERPRET=1``)
+    - ``grid``: programs along each grid axis, one to three ints
+    - ``args``: the runtime arguments in the kernel's order (tensors, or ``meta`` tensors when only
+      planned, strides and scalars)
+    - ``constexprs``: the compile-time arguments by name
+    - ``num_warps``: warps per program
+    """
+
+    kernel: object
     grid: tuple[int, ...]
     args: tuple
     constexprs: dict = field(default_factory=dict)
@@ -41,6 +49,7 @@ class Launch:
 
     @property
     def programs(self) -> int:
+        """Programs in the grid (0: nothing to launch)."""
         return math.prod(self.grid)
 
     def __call__(self) -> None:

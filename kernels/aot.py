@@ -30,6 +30,7 @@ import torch
 import triton
 
 from . import gae, kl, logprobs, segments
+from ._launch import Launch
 from .linear_logprobs import chunk_plan
 from .logprobs import RowOptions
 
@@ -43,7 +44,7 @@ def _meta(*shape, dtype=torch.float32):
     return torch.empty(*shape, dtype=dtype, device="meta")
 
 
-def row_launches():
+def row_launches() -> list[tuple[str, Launch, bool]]:
     """(name, launch, vectorised) for the row kernels, as selective_logprobs, entropy_from_logits,
     linear_logprobs (forward chunks, backward tiles) and the fused preference loss plan them."""
     opts = RowOptions(backend="triton")
@@ -78,7 +79,7 @@ def row_launches():
     return out
 
 
-def scan_launches():
+def scan_launches() -> list[tuple[str, Launch, bool]]:
     """(name, launch, vectorised) for GAE and the segment sums at small and large batches."""
     out = []
     for b, t in ((64, 1024), (512, 512), (8, 128)):
@@ -102,7 +103,8 @@ def scan_launches():
     return out
 
 
-def all_launches():
+def all_launches() -> list[tuple[str, Launch, bool]]:
+    """(name, launch, vectorised) for every kernel launch the wrappers make."""
     return row_launches() + scan_launches()
 
 
@@ -140,7 +142,7 @@ def _source(launch, arch):
     return target, ASTSource(fn, signature, constexprs, attrs), options
 
 
-def key(launch, arch) -> str:
+def key(launch: Launch, arch: int) -> str:
     """One string per distinct compilation (what Triton's own cache would key on)."""
     _, src, options = _source(launch, arch)
     return f"sm{arch}-{launch.kernel.__name__}-{src.hash()}-{sorted(options.__dict__.items())}"
@@ -159,7 +161,7 @@ def _loops(sass: str):
     return loops
 
 
-def inspect(launch, arch: int) -> dict:
+def inspect(launch: Launch, arch: int) -> dict:
     """Compile ``launch`` for sm_``arch`` and read its resources, loads and hot loop."""
     target, src, options = _source(launch, arch)
     ck = triton.compile(src, target=target, options=options.__dict__)
@@ -198,7 +200,7 @@ def _inspect_job(job):
 _BY_NAME: dict = {}
 
 
-def report(archs=None, workers=None) -> dict:
+def report(archs: list[int] | None = None, workers: int | None = None) -> dict:
     """Compile every distinct launch once per arch; returns {"archs", "skipped", "launches"}."""
     support = supported_archs()
     archs = [a for a in (archs or support) if support.get(a) is None]
@@ -222,7 +224,7 @@ def report(archs=None, workers=None) -> dict:
     return {"archs": archs, "skipped": skipped, "compiled": len(jobs), "launches": rows}
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the full report here")
     parser.add_argument("--arch", help="comma-separated archs (default: 80, 90 and 100 where supported)")

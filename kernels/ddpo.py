@@ -26,8 +26,12 @@ Both are a few elementwise ops over latents: plain torch on every device.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from diffusers import DDIMScheduler
 
 
 def _per_sample(x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -35,20 +39,20 @@ def _per_sample(x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return x.reshape(x.shape + (1,) * (len(shape) - x.dim()))
 
 
-def _alpha(scheduler, timestep: torch.Tensor) -> torch.Tensor:
+def _alpha(scheduler: DDIMScheduler, timestep: torch.Tensor) -> torch.Tensor:
     return scheduler.alphas_cumprod.gather(0, timestep.cpu().long())
 
 
 def ddim_step_with_logprob(
-    scheduler,
-    model_output,
-    timestep,
-    sample,
-    eta=0.0,
-    use_clipped_model_output=False,
-    generator=None,
-    prev_sample=None,
-):
+    scheduler: DDIMScheduler,
+    model_output: torch.Tensor,
+    timestep: int | torch.Tensor,
+    sample: torch.Tensor,
+    eta: float = 0.0,
+    use_clipped_model_output: bool = False,
+    generator: torch.Generator | None = None,
+    prev_sample: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One DDIM step of a diffusers ``DDIMScheduler``: ``(prev_sample, log_prob [B])``.
 
     ``model_output`` and ``sample`` are ``[B, ...]`` latents, ``timestep`` an int or ``[B]``
@@ -105,7 +109,9 @@ def ddim_step_with_logprob(
     return prev_sample.to(sample.dtype), log_prob.mean(dim=tuple(range(1, log_prob.dim())))
 
 
-def ddpo_loss(advantages, ratio, clip_range, adv_clip_max):
+def ddpo_loss(
+    advantages: torch.Tensor, ratio: torch.Tensor, clip_range: float, adv_clip_max: float
+) -> torch.Tensor:
     """The clipped DDPO loss (a scalar) of one sampled timestep across a batch.
 
     ``advantages [B]`` are clipped to ``[-adv_clip_max, adv_clip_max]``; ``ratio [B]`` is

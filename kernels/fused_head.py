@@ -64,12 +64,19 @@ DEFAULT_SMS = 132
 
 @dataclass(frozen=True)
 class Blocks:
-    """Tile sizes and launch shape of one kernel (``tl.dot`` wants every block >= 16)."""
+    """Tile sizes and launch shape of one kernel; every block a power of two >= 16 (``tl.dot``).
 
-    n: int  # BLOCK_N tokens
-    v: int  # BLOCK_V vocabulary columns (a multiple of 128 on the GPU)
-    h: int  # BLOCK_H hidden slice of each logits dot (the backward's must equal the forward's)
-    h_grad: int | None = None  # "atomic": hidden slice of its gradient dots (None: h)
+    - ``n``: ``BLOCK_N``, tokens per tile
+    - ``v``: ``BLOCK_V``, vocabulary columns per tile (a multiple of 128 on the GPU)
+    - ``h``: ``BLOCK_H``, the hidden slice of each logits dot (the backward's must equal the forward's)
+    - ``h_grad``: ``"atomic"`` backward only, the hidden slice of its gradient dots (None: ``h``)
+    - ``num_warps``, ``num_stages``: Triton's launch options
+    """
+
+    n: int
+    v: int
+    h: int
+    h_grad: int | None = None
     num_warps: int = 8
     num_stages: int = 3
 
@@ -93,17 +100,27 @@ INTERPRETER_BLOCKS = Blocks(n=16, v=128, h=16, num_warps=4, num_stages=1)
 
 @dataclass(frozen=True)
 class FusedHeadOptions:
-    """Everything but the tensors. Scalars reach the kernels as runtime arguments."""
+    """Everything but the tensors; scalars reach the kernels as runtime arguments.
+
+    - ``ignore_index``, ``temperature``: as for ``linear_logprobs``
+    - ``blocks``: the forward's and the ``"dlogits"`` backward's; None: ``GPU_BLOCKS``
+      (``INTERPRETER_BLOCKS`` under the interpreter)
+    - ``atomic_blocks``: the ``"atomic"`` backward's; None: ``GPU_ATOMIC_BLOCKS`` (likewise)
+    - ``split``: vocabulary ranges per token block in the forward; None: fill the GPU (``forward_split``)
+    - ``backward``: ``"dlogits"`` or ``"atomic"``, see the module docstring
+    - ``chunk_bytes``: ``"dlogits"`` only, bytes of one ``[N, Vc]`` chunk of dlogits
+    """
 
     ignore_index: int = -100
     temperature: float = 1.0
-    blocks: Blocks | None = None  # forward and "dlogits"; None: GPU_BLOCKS (INTERPRETER_BLOCKS there)
-    atomic_blocks: Blocks | None = None  # "atomic" backward; None: GPU_ATOMIC_BLOCKS (likewise)
-    split: int | None = None  # vocabulary ranges per token block in the forward; None: fill the GPU
-    backward: str = "dlogits"  # "dlogits" or "atomic", see the module docstring
-    chunk_bytes: int = 256 * 2**20  # "dlogits": bytes of one N x Vc chunk of dlogits
+    blocks: Blocks | None = None
+    atomic_blocks: Blocks | None = None
+    split: int | None = None
+    backward: str = "dlogits"
+    chunk_bytes: int = 256 * 2**20
 
     def resolved_blocks(self, atomic: bool = False) -> Blocks:
+        """The blocks of the forward and ``"dlogits"`` backward, or with ``atomic`` of the atomic backward."""
         if atomic:
             return self.atomic_blocks or (INTERPRETER_BLOCKS if TRITON_INTERPRETER else GPU_ATOMIC_BLOCKS)
         return self.blocks or (INTERPRETER_BLOCKS if TRITON_INTERPRETER else GPU_BLOCKS)

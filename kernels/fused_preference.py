@@ -41,12 +41,21 @@ from .segments import packed_layout
 
 
 class PreferenceLossOutput(NamedTuple):
-    loss: torch.Tensor  # scalar: the mean of ``losses``
-    losses: torch.Tensor  # [P] ([2P] for kto_pair), detached
-    chosen_rewards: torch.Tensor  # [P], detached
-    rejected_rewards: torch.Tensor  # [P], detached
-    chosen_logps: torch.Tensor  # [P] policy log-probs (sum or mean per sequence), detached
-    rejected_logps: torch.Tensor  # [P], detached
+    """What ``fused_preference_loss`` returns, for ``P`` pairs; only ``loss`` carries gradients.
+
+    - ``loss``: scalar, the mean of ``losses``
+    - ``losses``: ``[P]`` (``[2P]`` for ``kto_pair``), detached
+    - ``chosen_rewards``, ``rejected_rewards``: ``[P]`` each, detached
+    - ``chosen_logps``, ``rejected_logps``: ``[P]`` each, the policy's log-probs (sum or mean per
+      sequence), detached
+    """
+
+    loss: torch.Tensor
+    losses: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    chosen_logps: torch.Tensor
+    rejected_logps: torch.Tensor
 
 
 def _pair_layout(seq_index, n_seq, chosen, rejected):
@@ -187,27 +196,27 @@ class _FusedSeparable(torch.autograd.Function):
 
 
 def fused_preference_loss(
-    hidden,
-    weight,
-    labels,
-    chosen,
-    rejected,
-    reference_chosen_logps=None,
-    reference_rejected_logps=None,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    reference_chosen_logps: torch.Tensor | None = None,
+    reference_rejected_logps: torch.Tensor | None = None,
     *,
-    seq_index=None,
-    cu_seqlens=None,
-    bias=None,
-    beta=0.1,
-    loss_type="sigmoid",
-    label_smoothing=0.0,
-    reference_free=False,
-    average_log_prob=False,
-    temperature=1.0,
-    ignore_index=-100,
-    backend=None,
-    **loss_options,
-):
+    seq_index: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    reference_free: bool = False,
+    average_log_prob: bool = False,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    backend: str | None = None,
+    **loss_options: float | torch.Tensor,
+) -> PreferenceLossOutput:
     """From hidden states of a packed batch to the preference loss; see the module docstring.
 
     ``hidden [N, H]``, ``weight [V, H]``, ``labels [N]``, the layout (``seq_index [N]`` or

@@ -155,7 +155,10 @@ def _gae_plan(rows: int, steps: int, sms: int) -> dict:
     return {"BLOCK_B": block_b, "BLOCK_T": block_t, "seg_len": seg_len, "n_seg": triton.cdiv(steps, seg_len), "num_warps": warps}
 
 
-def gae_launches(v, r, m, adv, heads, gamma, lam, sms) -> list[Launch]:
+def gae_launches(
+    v: torch.Tensor, r: torch.Tensor, m: torch.Tensor | None, adv: torch.Tensor, heads: torch.Tensor | None,
+    gamma: float, lam: float, sms: int,
+) -> list[Launch]:
     """The launches of ``_gae_kernel`` for fp32 ``adv [B, T]``: one pass, or with time segments a
     pass for the segments' heads (into ``heads [B, n_seg]``, see ``_gae_plan``) and one for the
     advantages. ``heads`` may be None when one segment suffices."""
@@ -244,7 +247,9 @@ def _gae_torch(values, rewards, mask, gamma, lam):
 
 
 @torch.no_grad()
-def gae_reference(values, rewards, mask, gamma, lam):
+def gae_reference(
+    values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor | None, gamma: float, lam: float
+) -> torch.Tensor:
     """The loop over time steps, latest first; unwhitened fp32 advantages ``[B, T]``."""
     values, rewards = values.float(), rewards.float()
     if mask is not None:
@@ -282,7 +287,10 @@ def _scan(values, rewards, mask, gamma, lam, path):
 
 
 @torch.no_grad()
-def gae(values, rewards, mask, gamma, lam, *, backend=None):
+def gae(
+    values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor | None, gamma: float, lam: float, *,
+    backend: str | None = None,
+) -> torch.Tensor:
     """Unwhitened GAE advantages, fp32 ``[B, T]`` (see the module docstring); no gradients.
 
     ``values``/``rewards [B, T]`` in any float dtype, ``mask [B, T]`` 0/1 (bool or numeric; None
@@ -293,7 +301,10 @@ def gae(values, rewards, mask, gamma, lam, *, backend=None):
 
 
 @torch.no_grad()
-def compute_advantages(values, rewards, mask, gamma, lam, whiten_rewards=False, *, backend=None):
+def compute_advantages(
+    values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float,
+    whiten_rewards: bool = False, *, backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """TRL 0.7.10's ``(values, advantages, returns)``, each fp32 ``[B, T]``; no gradients.
 
     ``values`` and ``rewards`` are masked; with ``whiten_rewards`` the rewards are rescaled to unit

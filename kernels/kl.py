@@ -217,7 +217,7 @@ def _full_kl_grad_torch(x3, y3, dx3, dy3, norm, kl, g, opts: RowOptions):
 # ----------------------------------------------------------------------------------------------
 
 
-def full_kl_reference(logits, ref_logits):
+def full_kl_reference(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
     """``sum_v p_v (log p_v - log q_v)`` with full fp32 log-softmaxes."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     logq = torch.log_softmax(ref_logits.float(), dim=-1)
@@ -225,7 +225,7 @@ def full_kl_reference(logits, ref_logits):
     return torch.where(p > 0, p * (logp - logq), 0.0).sum(-1)
 
 
-def kl_penalty_reference(logprob, ref_logprob, kind="kl"):
+def kl_penalty_reference(logprob: torch.Tensor, ref_logprob: torch.Tensor, kind: str = "kl") -> torch.Tensor:
     """Each kind written out literally, in fp32."""
     if kind == "full":
         return full_kl_reference(logprob, ref_logprob)
@@ -274,7 +274,9 @@ class _FullKL(torch.autograd.Function):
         )
 
 
-def full_kl(logits, ref_logits, *, chunk_size=None, backend=None):
+def full_kl(
+    logits: torch.Tensor, ref_logits: torch.Tensor, *, chunk_size: int | None = None, backend: str | None = None
+) -> torch.Tensor:
     """fp32 ``KL(softmax(logits) || softmax(ref_logits))`` of each row ``[..., V] -> [...]``.
 
     Rows of logits or of log-probs, fp32/bf16/fp16; differentiable with respect to both (the
@@ -303,7 +305,9 @@ def _k3(d):
     return torch.where(d.abs() < 0.1, series, torch.expm1(-d) + d)
 
 
-def kl_penalty(logprob, ref_logprob, kind="kl", *, backend=None):
+def kl_penalty(
+    logprob: torch.Tensor, ref_logprob: torch.Tensor, kind: str = "kl", *, backend: str | None = None
+) -> torch.Tensor:
     """Per-token KL penalty of ``kind`` (one of ``KINDS``, see the module docstring).
 
     ``kl``/``abs``/``mse``/``k3``: elementwise on per-token log-probs of any matching shape, in their

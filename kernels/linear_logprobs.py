@@ -59,8 +59,13 @@ TILE_COLS = 128
 
 @dataclass(frozen=True)
 class ChunkPlan:
-    """How ``linear_logprobs`` cuts its work: ``rows`` tokens per forward chunk, ``cols``
-    vocabulary columns per backward tile, logits kept in ``logits_dtype``, and why."""
+    """How ``linear_logprobs`` cuts its work.
+
+    - ``rows``: tokens per forward chunk (its logits are ``[rows, V]``)
+    - ``cols``: vocabulary columns per backward tile (its logits are ``[N, cols]``)
+    - ``logits_dtype``: the dtype chunk and tile logits are kept in
+    - ``reason``: why, in words (device, byte budget, the sizes chosen)
+    """
 
     rows: int
     cols: int
@@ -119,7 +124,9 @@ def head_choice(device: torch.device, backend: str | None = None) -> tuple[str, 
     return "chunked", "chunked: the fused path is opt-in until it is measured on a GPU"
 
 
-def chunk_logits(hidden, weight, bias, dtype=torch.float32):
+def chunk_logits(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """``[C, V]`` logits of one chunk in ``dtype``, a fresh buffer the caller may overwrite."""
     logits = hidden @ weight.t() if bias is None else torch.addmm(bias, hidden, weight.t())
     return logits.to(dtype)
@@ -188,7 +195,10 @@ class _LinearLogprobs(torch.autograd.Function):
         return (None if grad_h is None else grad_h.to(hidden.dtype)), grad_w, grad_b, None, None, None
 
 
-def linear_logprobs_reference(hidden, weight, labels, bias=None, ignore_index=-100, temperature=1.0, return_entropy=False):
+def linear_logprobs_reference(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None = None,
+    ignore_index: int = -100, temperature: float = 1.0, return_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Plain fp32: full logits, log_softmax, gather."""
     logits = hidden.float() @ weight.float().t()
     if bias is not None:
@@ -202,17 +212,17 @@ def linear_logprobs_reference(hidden, weight, labels, bias=None, ignore_index=-1
 
 
 def linear_logprobs(
-    hidden,
-    weight,
-    labels,
-    bias=None,
-    ignore_index=-100,
-    temperature=1.0,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
     *,
-    return_entropy=False,
-    chunk_size=None,
-    backend=None,
-):
+    return_entropy: bool = False,
+    chunk_size: int | None = None,
+    backend: str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """fp32 log-prob of each label under ``softmax((hidden @ weight.T + bias) / temperature)``.
 
     ``hidden [..., H]``, ``weight [V, H]`` (the lm_head), ``labels [...]``, ``bias [V]`` optional.

@@ -44,18 +44,28 @@ CHUNK_BYTES = 16 * 2**20
 
 @dataclass(frozen=True)
 class RowOptions:
-    """The knobs shared by every row op (scalars travel to kernels as runtime arguments)."""
+    """The knobs shared by every row op, all scalars (they reach kernels as runtime arguments).
+
+    - ``ignore_index``: the label that takes no log-prob (its row gives 0)
+    - ``temperature``: the logits are divided by it, > 0
+    - ``backend``: the resolved path, ``"triton"``, ``"torch"`` or ``"reference"``
+    - ``chunk_size``: rows per chunk on the torch path; None derives it from ``CHUNK_BYTES``
+    """
 
     ignore_index: int = -100
     temperature: float = 1.0
     backend: str = "torch"
-    chunk_size: int | None = None  # rows per chunk on the torch path; None derives it from CHUNK_BYTES
+    chunk_size: int | None = None
 
     def rows_per_chunk(self, vocab: int) -> int:
+        """Rows of ``vocab`` logits per torch-path chunk: ``chunk_size``, or ``CHUNK_BYTES`` of fp32."""
         return self.chunk_size or max(1, CHUNK_BYTES // (4 * vocab))
 
 
-def make_options(device, ignore_index, temperature, chunk_size, backend) -> RowOptions:
+def make_options(
+    device: torch.device, ignore_index: int, temperature: float, chunk_size: int | None, backend: str | None
+) -> RowOptions:
+    """The checked ``RowOptions`` of one call, its path resolved for ``device``."""
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if chunk_size is not None and chunk_size < 1:
@@ -76,7 +86,9 @@ def check_labels(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
         )
 
 
-def check_head_inputs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias=None) -> None:
+def check_head_inputs(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None = None
+) -> None:
     """The shapes and dtypes an lm_head op takes: ``hidden [..., H]``, ``weight [V, H]`` of the same
     dtype, ``labels`` shaped like ``hidden`` without its last dimension, ``bias [V]`` or None."""
     if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
@@ -332,7 +344,9 @@ def _row_grad_torch(x3, out3, labels, norm, ent, g_logp, g_ent, opts, col0):
             out3[b, s:e] = buf
 
 
-def row_stats(x3, labels, opts: RowOptions, with_entropy: bool):
+def row_stats(
+    x3: torch.Tensor, labels: torch.Tensor | None, opts: RowOptions, with_entropy: bool
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
     """fp32 ``(logp, norm, entropy)`` of every row of ``x3 [B, T, V]``.
 
     ``norm [B, T, 2]`` holds each row's ``(max, log-sum-exp below the max)``, what ``row_grad``
@@ -342,7 +356,10 @@ def row_stats(x3, labels, opts: RowOptions, with_entropy: bool):
     return fn(x3, labels, opts, with_entropy)
 
 
-def row_grad(x3, out3, labels, norm, ent, g_logp, g_ent, opts: RowOptions, col0: int = 0) -> None:
+def row_grad(
+    x3: torch.Tensor, out3: torch.Tensor, labels: torch.Tensor | None, norm: torch.Tensor, ent: torch.Tensor | None,
+    g_logp: torch.Tensor | None, g_ent: torch.Tensor | None, opts: RowOptions, col0: int = 0,
+) -> None:
     """Write dL/dx for ``x3`` into ``out3`` (which may be ``x3`` itself when it is fp32).
 
     ``x3`` may be a tile of the vocabulary: its columns are ids ``col0 .. col0 + x3.shape[-1] - 1``,
@@ -357,14 +374,18 @@ def row_grad(x3, out3, labels, norm, ent, g_logp, g_ent, opts: RowOptions, col0:
 # ----------------------------------------------------------------------------------------------
 
 
-def selective_logprobs_reference(logits, labels, ignore_index=-100, temperature=1.0):
+def selective_logprobs_reference(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, temperature: float = 1.0
+) -> torch.Tensor:
+    """Plain fp32: the full log-softmax, then the label's entry (0 where ignored)."""
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)
     valid = labels != ignore_index
     picked = logp.gather(-1, torch.where(valid, labels, 0).unsqueeze(-1)).squeeze(-1)
     return torch.where(valid, picked, 0.0)
 
 
-def entropy_from_logits_reference(logits):
+def entropy_from_logits_reference(logits: torch.Tensor) -> torch.Tensor:
+    """Plain fp32: ``-sum p log p`` over the full log-softmax."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     return -(logp.exp() * logp).sum(-1)
 
@@ -413,7 +434,10 @@ class _Entropy(torch.autograd.Function):
         return grad.view(logits.shape), None
 
 
-def selective_logprobs(logits, labels, ignore_index=-100, temperature=1.0, *, chunk_size=None, backend=None):
+def selective_logprobs(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, temperature: float = 1.0, *,
+    chunk_size: int | None = None, backend: str | None = None,
+) -> torch.Tensor:
     """fp32 log-prob of each label under ``softmax(logits / temperature)``; 0 where ignored.
 
     ``logits [..., V]`` in fp32/bf16/fp16, ``labels [...]`` integer. The backward pass rebuilds the
@@ -428,7 +452,9 @@ def selective_logprobs(logits, labels, ignore_index=-100, temperature=1.0, *, ch
     return _SelectiveLogprobs.apply(logits, labels, opts)
 
 
-def entropy_from_logits(logits, *, chunk_size=None, backend=None):
+def entropy_from_logits(
+    logits: torch.Tensor, *, chunk_size: int | None = None, backend: str | None = None
+) -> torch.Tensor:
     """fp32 entropy of ``softmax(logits)`` over the last dim, computed in chunks; differentiable."""
     opts = make_options(logits.device, -100, 1.0, chunk_size, backend)
     if opts.backend == "reference":

@@ -38,20 +38,20 @@ def _stat_var(values, mask):
 
 
 def ppo_loss(
-    old_logprobs,
-    values,
-    vpreds,
-    logprobs,
-    mask,
-    advantages,
-    returns,
-    cliprange,
-    cliprange_value,
-    vf_coef,
+    old_logprobs: torch.Tensor,
+    values: torch.Tensor,
+    vpreds: torch.Tensor,
+    logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    advantages: torch.Tensor,
+    returns: torch.Tensor,
+    cliprange: float,
+    cliprange_value: float,
+    vf_coef: float,
     *,
-    ratio_threshold=10.0,
-    entropy=None,
-):
+    ratio_threshold: float = 10.0,
+    entropy: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """``(pg_loss, vf_coef * vf_loss, stats)``: TRL 0.7.10's PPO loss over ``[B, T]`` tokens.
 
     Every tensor argument shares ``mask``'s shape; ``entropy`` (per-token entropy of the policy,

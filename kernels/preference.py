@@ -83,18 +83,18 @@ def _smoothed_sigmoid_loss(u, eps):
 
 
 def preference_loss(
-    policy_chosen_logps,
-    policy_rejected_logps,
-    reference_chosen_logps=None,
-    reference_rejected_logps=None,
-    beta=0.1,
-    loss_type="sigmoid",
-    label_smoothing=0.0,
-    reference_free=False,
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    reference_chosen_logps: torch.Tensor | None = None,
+    reference_rejected_logps: torch.Tensor | None = None,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    reference_free: bool = False,
     *,
-    discopop_tau=0.05,
-    bco_delta=None,
-):
+    discopop_tau: float = 0.05,
+    bco_delta: float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair losses and rewards: ``(losses, chosen_rewards, rejected_rewards)``.
 
     ``losses`` is ``[P]`` (``[2P]`` for ``kto_pair``); the rewards are ``[P]``, detached. See the
@@ -165,7 +165,10 @@ def preference_loss(
     return losses, beta * rho_c.detach(), beta * rho_r.detach()
 
 
-def reward_loss(rewards_chosen, rewards_rejected, margin=None, center_rewards_coefficient=None):
+def reward_loss(
+    rewards_chosen: torch.Tensor, rewards_rejected: torch.Tensor, margin: torch.Tensor | None = None,
+    center_rewards_coefficient: float | None = None,
+) -> torch.Tensor:
     """Scalar pairwise reward loss ``mean(-log s(r_c - r_r - margin))`` (+ reward centering).
 
     ``rewards_*`` are ``[P]`` or ``[P, 1]`` (a scalar head's output); ``margin [P]`` optional.

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -169,7 +170,7 @@ class PerPromptStatTracker:
         self.min_count = min_count
         self.stats: dict = {}
 
-    def update(self, prompts, rewards) -> np.ndarray:
+    def update(self, prompts: Sequence[str] | np.ndarray, rewards: torch.Tensor | np.ndarray) -> np.ndarray:
         """Advantages (float64, one per reward) for ``rewards`` given by ``prompts``."""
         if isinstance(rewards, torch.Tensor):
             rewards = rewards.detach().cpu().numpy()

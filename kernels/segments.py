@@ -44,7 +44,7 @@ def _segment_sum_kernel(X, CU, PARTIAL, N, BLOCK: tl.constexpr):
     tl.store(PARTIAL + seg * n_part + part, tl.sum(acc, 0))
 
 
-def segment_sum_launch(values, cu_seqlens, partial) -> Launch:
+def segment_sum_launch(values: torch.Tensor, cu_seqlens: torch.Tensor, partial: torch.Tensor) -> Launch:
     """The launch of ``_segment_sum_kernel`` into ``partial [S, P]`` (summed over P after)."""
     S, P = partial.shape
     return Launch(_segment_sum_kernel, (S, P), (values, cu_seqlens, partial, values.shape[0]), {"BLOCK": BLOCK}, 2)
@@ -113,7 +113,9 @@ def packed_layout(
     return idx, cu
 
 
-def segment_sum_reference(values, seq_index=None, cu_seqlens=None):
+def segment_sum_reference(
+    values: torch.Tensor, seq_index: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None
+) -> torch.Tensor:
     """Plain loop over segments, fp32."""
     _, cu = packed_layout(values, seq_index, cu_seqlens)
     bounds = cu.tolist()
@@ -122,7 +124,10 @@ def segment_sum_reference(values, seq_index=None, cu_seqlens=None):
     return torch.stack([values[a:b].float().sum() for a, b in zip(bounds[:-1], bounds[1:])])
 
 
-def segment_sum(values, seq_index=None, cu_seqlens=None, *, backend=None):
+def segment_sum(
+    values: torch.Tensor, seq_index: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None, *,
+    backend: str | None = None,
+) -> torch.Tensor:
     """fp32 per-sequence sums ``[S]`` of per-token ``values [N]``; differentiable.
 
     The layout is ``seq_index [N]`` (non-decreasing) or ``cu_seqlens [S+1]``; with ``seq_index``
@@ -138,7 +143,10 @@ def segment_sum(values, seq_index=None, cu_seqlens=None, *, backend=None):
     return out.index_add(0, idx, values.float())
 
 
-def segment_mean(values, seq_index=None, cu_seqlens=None, mask=None, *, backend=None):
+def segment_mean(
+    values: torch.Tensor, seq_index: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None, *, backend: str | None = None,
+) -> torch.Tensor:
     """fp32 per-sequence means ``[S]`` of ``values [N]`` over the tokens where ``mask`` is set.
 
     ``mask [N]`` (bool or 0/1, default all tokens) picks the tokens that count, e.g. loss

@@ -50,7 +50,8 @@ import triton
 from ._dispatch import TRITON_INTERPRETER, resolve_backend
 from ._launch import multiprocessors
 from .fused_head_kernels import _atomic_bwd_kernel, _combine_kernel, _dlogits_kernel, _fwd_kernel
-from .logprobs import check_head_inputs, check_labels
+from .linear_logprobs import check_head_inputs
+from .logprobs import check_labels
 
 LOG2E = 1.4426950408889634
 

@@ -40,7 +40,7 @@ import torch
 
 from ._dispatch import TRITON_INTERPRETER
 from ._launch import MAX_BLOCK_V, multiprocessors
-from .logprobs import RowOptions, check_head_inputs, check_labels, make_options, row_grad, row_stats
+from .logprobs import RowOptions, check_labels, make_options, row_grad, row_stats
 
 # Set to 1 to run the fused Triton lm_head (fused_head.py) where linear_logprobs is called.
 FUSED_HEAD_ENV = "FASTALIGN_FUSED_HEAD"
@@ -71,6 +71,21 @@ class ChunkPlan:
     cols: int
     logits_dtype: torch.dtype
     reason: str
+
+
+def check_head_inputs(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None = None
+) -> None:
+    """The shapes and dtypes an lm_head op takes: ``hidden [..., H]``, ``weight [V, H]`` of the same
+    dtype, ``labels`` shaped like ``hidden`` without its last dimension, ``bias [V]`` or None."""
+    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} must be [..., H] and [V, H]")
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"labels {tuple(labels.shape)} must match hidden {tuple(hidden.shape)} minus the hidden dim")
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
+    if bias is not None and bias.shape != weight.shape[:1]:
+        raise ValueError(f"bias {tuple(bias.shape)} must be [V] = [{weight.shape[0]}]")
 
 
 def _round_cols(cols: int, vocab: int) -> int:

@@ -86,21 +86,6 @@ def check_labels(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
         )
 
 
-def check_head_inputs(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None = None
-) -> None:
-    """The shapes and dtypes an lm_head op takes: ``hidden [..., H]``, ``weight [V, H]`` of the same
-    dtype, ``labels`` shaped like ``hidden`` without its last dimension, ``bias [V]`` or None."""
-    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} must be [..., H] and [V, H]")
-    if labels.shape != hidden.shape[:-1]:
-        raise ValueError(f"labels {tuple(labels.shape)} must match hidden {tuple(hidden.shape)} minus the hidden dim")
-    if hidden.dtype != weight.dtype:
-        raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
-    if bias is not None and bias.shape != weight.shape[:1]:
-        raise ValueError(f"bias {tuple(bias.shape)} must be [V] = [{weight.shape[0]}]")
-
-
 def as_rows(x: torch.Tensor) -> torch.Tensor:
     """A ``[B, T, V]`` view of ``[..., V]`` logits with a unit vocabulary stride (copies only if needed)."""
     if x.stride(-1) != 1:

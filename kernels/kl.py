@@ -332,12 +332,3 @@ def kl_penalty(
         return 0.5 * d.square()
     return _k3(d)
 
-
-def __getattr__(name: str) -> object:
-    # Temporary: the reward shaping moved to shaping.py; this keeps `from fastalign.kernels.kl import
-    # compute_rewards_packed` working until its last importer is updated.
-    if name == "compute_rewards_packed":
-        from . import shaping
-
-        return getattr(shaping, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

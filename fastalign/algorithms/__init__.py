@@ -1,4 +1,5 @@
-"""The algorithms, each a Config and a Trainer on the packed core."""
+"""The algorithms, each a Config and a Trainer on the packed core; ``ALGORITHMS``: those the
+``fastalign`` command trains, by name (each trainer declares its run keys and how it launches)."""
 
 from .ddpo import DDPOConfig, DDPOTrainer
 from .dpo import DPOConfig, DPOTrainer
@@ -7,4 +8,7 @@ from .ppo import LengthSampler, PPOConfig, PPOTrainer, create_reference_model
 from .reward import RewardConfig, RewardTrainer
 from .sft import SFTConfig, SFTTrainer
 
-__all__ = ["DDPOConfig", "DDPOTrainer", "DPOConfig", "DPOTrainer", "IterativeSFTConfig", "IterativeSFTTrainer", "LengthSampler", "PPOConfig", "PPOTrainer", "create_reference_model", "RewardConfig", "RewardTrainer", "SFTConfig", "SFTTrainer"]
+__all__ = ["ALGORITHMS", "DDPOConfig", "DDPOTrainer", "DPOConfig", "DPOTrainer", "IterativeSFTConfig", "IterativeSFTTrainer", "LengthSampler", "PPOConfig", "PPOTrainer", "create_reference_model", "RewardConfig", "RewardTrainer", "SFTConfig", "SFTTrainer"]
+
+ALGORITHMS = {"sft": (SFTConfig, SFTTrainer), "reward": (RewardConfig, RewardTrainer), "dpo": (DPOConfig, DPOTrainer),
+              "ppo": (PPOConfig, PPOTrainer), "ddpo": (DDPOConfig, DDPOTrainer)}

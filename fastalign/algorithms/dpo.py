@@ -32,10 +32,12 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from fastalign.data import PackedBatch
 from fastalign.engine import TrainingConfig, distributed
 from fastalign.kernels import LOSS_TYPES, fused_preference_loss
 from fastalign.models import eval_mode, lm_head, load_model, packed_hidden, prepare_model, sequence_logprobs
 
+from .launch import PACKED_KEYS, REF_MODEL_KEY, launch_packed
 from .pairs import PairTrainer
 
 
@@ -67,7 +69,7 @@ class DPOConfig(TrainingConfig):
             self.average_log_prob = self.loss_type == "ipo"
 
 
-def disable_dropout(model) -> None:
+def disable_dropout(model: torch.nn.Module) -> None:
     """Dropout off everywhere (module dropouts and attention dropout rates)."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
@@ -79,6 +81,8 @@ def disable_dropout(model) -> None:
 class DPOTrainer(PairTrainer):
     model_loader = staticmethod(load_model)
     peft_task_type = "CAUSAL_LM"
+    run_keys = PACKED_KEYS + (REF_MODEL_KEY,)
+    launch = classmethod(launch_packed)
 
     def __init__(self, model, ref_model=None, args: DPOConfig | None = None, train_dataset=None, eval_dataset=None,
                  tokenizer=None, peft_config=None, optimizers=(None, None)):
@@ -112,7 +116,7 @@ class DPOTrainer(PairTrainer):
             return _adapter(self.model, self.args.ref_adapter_name, self.args.model_adapter_name or "default")
         return self.model.disable_adapter()
 
-    def reference_logps(self, batch) -> torch.Tensor:
+    def reference_logps(self, batch: PackedBatch) -> torch.Tensor:
         """fp32 ``[S]``: the reference's log-prob of each sequence of ``batch`` (sum or mean)."""
         if "ref_logps" in batch.extras:
             return batch.extras["ref_logps"]
@@ -141,7 +145,7 @@ class DPOTrainer(PairTrainer):
         store.sequence_extras["ref_logps"] = logps.cpu().numpy()
 
     # ---- the loss ------------------------------------------------------------------------------
-    def compute_loss(self, batch):
+    def compute_loss(self, batch: PackedBatch) -> tuple[torch.Tensor, dict]:
         args = self.args
         ref_c = ref_r = None
         if not args.reference_free:

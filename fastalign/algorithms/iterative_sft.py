@@ -79,17 +79,21 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-from transformers import get_scheduler, set_seed
+from transformers import set_seed
 
 from fastalign.data import IGNORE_INDEX, PackedBatch, Sequence, pack, plan_batches
 from fastalign.data.rows import Texts, check_truncation, kept_part, with_eos
 from fastalign.engine import Engine, TrainingConfig, distributed
-from fastalign.engine.engine import adamw
+from fastalign.engine.checkpoint import Checkpointed, Checkpointer, hf_weights
 from fastalign.engine.metrics import MetricsLogger
 from fastalign.engine.trainer import LossPasses
-from fastalign.models import load_model, packed_logprobs, prepare_model
+from fastalign.models import load_model, packed_logprobs, prepare_model, train_mode
+
+# Token rows as step() takes them: a 2-D tensor, or a list of 1-D tensors or of id lists.
+Tokens = torch.Tensor | list
 
 
 @dataclass
@@ -117,7 +121,7 @@ class _Row:
         return sum(label != IGNORE_INDEX for label in self.labels[1:])
 
 
-class IterativeSFTTrainer(LossPasses):
+class IterativeSFTTrainer(LossPasses, Checkpointed):
     model_loader = staticmethod(load_model)
     peft_task_type = "CAUSAL_LM"
 
@@ -134,18 +138,16 @@ class IterativeSFTTrainer(LossPasses):
         set_seed(args.seed)
         model, tokenizer, self.attention = prepare_model(model, tokenizer, peft_config, self.model_loader)
         self.model, self.tokenizer = model, tokenizer
-        optimizer, scheduler = optimizers
-        optimizer = optimizer or adamw(model, args)
-        if scheduler is None and args.max_steps <= 0:  # no known length: constant after the warmup
-            scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=args.warmup_steps)
-        self.engine = Engine(model, args, max(args.max_steps, 1), optimizer, scheduler)
+        # Without max_steps the run's length is unknown: the rate is constant after the warmup.
+        self.engine = Engine(model, args, args.max_steps if args.max_steps > 0 else None, *optimizers)
         self.optimizer, self.lr_scheduler = self.engine.optimizer, self.engine.lr_scheduler
+        self.checkpointer = Checkpointer(self.engine, args.output_dir, hf_weights(model, tokenizer), self.extra_state,
+                                         self.load_extra_state, args.save_total_limit)
         self.world_size = distributed.world_size()
         self.generator = torch.Generator().manual_seed(args.seed)
         self.global_step = 0  # optimizer steps done
-        self.logger = None
         if args.resume_from_checkpoint:
-            self._resume()
+            self.resume(args.resume_from_checkpoint)
         self.logger = MetricsLogger(args.output_dir, max(args.max_steps, 0), self.global_step, args.report_to,
                                     enabled=distributed.is_main(), show_bar=False)
 
@@ -229,7 +231,8 @@ class IterativeSFTTrainer(LossPasses):
         return -packed_logprobs(self.model, batch).sum(), {}
 
     # ---- the step -------------------------------------------------------------------------------
-    def step(self, input_ids=None, attention_mask=None, labels=None, texts=None, texts_labels=None) -> dict:
+    def step(self, input_ids: Tokens | None = None, attention_mask: Tokens | None = None, labels: Tokens | None = None,
+             texts: list[str] | None = None, texts_labels: list[str] | None = None) -> dict:
         """Fine-tune on the given rows: one optimizer step, or one per ``per_device_train_batch_size
         x gradient_accumulation_steps`` rows when that is set. Returns the stats (see the module)."""
         began = time.perf_counter()
@@ -253,18 +256,14 @@ class IterativeSFTTrainer(LossPasses):
             raise ValueError(f"step: {where} a target token (labels all -100, or a single token, after truncation)")
         filler = next((g[0] for g in groups if g), None) or _pack([_Row(0, rows[0].ids, rows[0].ids)])
 
-        was_training = self.model.training
-        self.model.train()
         sums, norms = [], []  # per optimizer step (at least one)
-        try:
+        with train_mode(self.model):
             for group, weight in zip(groups, weights):
                 count = distributed.all_reduce_max(len(group), device)
                 lr = self.engine.lr
                 sums.append(self._pass([(b, True) for b in group] + [(filler, False)] * (count - len(group)), weight))
                 norms.append(self.engine.step())
                 self.global_step += 1
-        finally:
-            self.model.train(was_training)
         n_rows, truncated, dropped = distributed.all_reduce_sum([len(rows), truncated, len(rows) - len(kept)], device)
         tokens, loss_tokens = sum(s["_tokens"] for s in sums), sum(weights)
         seconds = time.perf_counter() - began
@@ -286,7 +285,13 @@ class IterativeSFTTrainer(LossPasses):
         if args.save_steps and self.global_step // args.save_steps > (self.global_step - done) // args.save_steps:
             self.save_checkpoint()
 
-    # ---- checkpoints ----------------------------------------------------------------------------
+    # ---- saving and checkpoints ----------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        """``checkpoint-{global_step}`` in ``output_dir``: what ``resume_from_checkpoint`` restores."""
+        path = super().save_checkpoint()
+        self.logger.write(f"saved {path}")
+        return path
+
     def extra_state(self) -> dict:
         return {"iterative_sft": {"generator": self.generator.get_state()}}
 

@@ -7,7 +7,7 @@ The weight of a micro-batch is its number of pairs: logged values are means over
 
 from __future__ import annotations
 
-from fastalign.data import PairEncoder, load_rows
+from fastalign.data import PackedBatch, PairEncoder, load_rows
 from fastalign.data.store import PAIR_HALVES, TokenStore, token_data
 from fastalign.engine import Trainer, distributed
 
@@ -34,6 +34,6 @@ class PairTrainer(Trainer):
         evals = self._pairs("eval", eval_dataset, tokenizer, args) if eval_dataset is not None else None
         return train, evals
 
-    def batch_weight(self, batch) -> float:
+    def batch_weight(self, batch: PackedBatch) -> float:
         return float(batch.chosen.numel())
 

@@ -20,10 +20,12 @@ from dataclasses import dataclass
 
 import torch
 
+from fastalign.data import PackedBatch
 from fastalign.engine import TrainingConfig
 from fastalign.kernels import reward_loss
 from fastalign.models import eval_mode, load_reward_model, packed_scores, prepare_model
 
+from .launch import PACKED_KEYS, launch_packed
 from .pairs import PairTrainer
 
 
@@ -40,6 +42,8 @@ class RewardConfig(TrainingConfig):
 class RewardTrainer(PairTrainer):
     model_loader = staticmethod(load_reward_model)
     peft_task_type = "SEQ_CLS"
+    run_keys = PACKED_KEYS
+    launch = classmethod(launch_packed)
 
     def __init__(self, model, args: RewardConfig | None = None, train_dataset=None, eval_dataset=None,
                  tokenizer=None, peft_config=None, optimizers=(None, None)):
@@ -50,7 +54,7 @@ class RewardTrainer(PairTrainer):
         train, evals = self._datasets(args, train_dataset, eval_dataset, tokenizer)
         super().__init__(model, args, train, evals, tokenizer, optimizers)
 
-    def compute_loss(self, batch):
+    def compute_loss(self, batch: PackedBatch) -> tuple[torch.Tensor, dict]:
         scores = packed_scores(self.model, batch)
         r_c, r_r = scores[batch.chosen], scores[batch.rejected]
         margin = batch.extras["margin"][batch.chosen] if "margin" in batch.extras else None
@@ -63,7 +67,7 @@ class RewardTrainer(PairTrainer):
         }
 
     @torch.no_grad()
-    def score(self, batch) -> torch.Tensor:
+    def score(self, batch: PackedBatch) -> torch.Tensor:
         """The rewards ``[S]`` of a packed batch's sequences (eval mode)."""
         with eval_mode(self.model):
             return self.engine.forward(packed_scores, self.model, batch.to(self.engine.device))

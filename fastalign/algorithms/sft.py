@@ -18,10 +18,12 @@ from dataclasses import dataclass
 
 import torch
 
-from fastalign.data import SFTEncoder, load_rows
+from fastalign.data import PackedBatch, SFTEncoder, load_rows
 from fastalign.data.store import SFT_HALVES, TokenStore, token_data
 from fastalign.engine import Trainer, TrainingConfig, distributed
 from fastalign.models import load_model, packed_logprobs, prepare_model
+
+from .launch import PACKED_KEYS, launch_packed
 
 
 @dataclass
@@ -36,8 +38,10 @@ class SFTConfig(TrainingConfig):
 
 
 class SFTTrainer(Trainer):
-    model_loader = staticmethod(load_model)  # how a model name is loaded (the CLI reads these two)
+    model_loader = staticmethod(load_model)  # how a model name is loaded
     peft_task_type = "CAUSAL_LM"
+    run_keys = PACKED_KEYS  # what a run names besides SFTConfig (fastalign.algorithms.launch)
+    launch = classmethod(launch_packed)
 
     def __init__(self, model, args: SFTConfig | None = None, train_dataset=None, eval_dataset=None, tokenizer=None,
                  peft_config=None, formatting_func=None, optimizers=(None, None)):
@@ -63,12 +67,12 @@ class SFTTrainer(Trainer):
             self.reports[name] = store.report
         return store
 
-    def plan(self, store):
+    def plan(self, store: TokenStore) -> list:
         if self.args.packing:
             return super().plan(store)
         return [[i] for i in store.kept.tolist()]  # one sequence per micro-batch
 
-    def compute_loss(self, batch):
+    def compute_loss(self, batch: PackedBatch) -> tuple[torch.Tensor, dict]:
         if self.args.neftune_noise_alpha and self.model.training:
             lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).to(batch.seq_index.device)
             self._neftune_lengths = lengths[batch.seq_index]

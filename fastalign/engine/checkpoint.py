@@ -6,6 +6,9 @@ only the adapters for a PEFT model), the tokenizer when there is one, ``trainer_
 sharded optimizer states in ``deepspeed/``. It is written into a temporary folder first and renamed
 into place in one ``os.replace``: a run killed mid-save leaves the previous checkpoints intact and
 no half-written ``checkpoint-*`` folder. Older checkpoints beyond ``save_total_limit`` are removed.
+
+A trainer composes a ``Checkpointer``: it hands over the engine, how its weights are written and
+read (``Weights``; ``hf_weights`` for a Hugging Face model) and its own state to keep.
 """
 
 from __future__ import annotations
@@ -16,12 +19,14 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from fastalign.models.loading import load_model_weights  # noqa: F401  (the checkpoint API: models load themselves)
+from fastalign.models.loading import load_model_weights
 
 from . import distributed
 
@@ -88,11 +93,27 @@ def save_hf(folder, model, tokenizer, state_dict=None) -> None:
             tokenizer.save_pretrained(folder)
 
 
-def save_checkpoint(output_dir, step: int, model, tokenizer, trainer_state: dict, save_total_limit=None,
-                    state_dict=None, write_extra=None) -> Path:
+@dataclass(frozen=True)
+class Weights:
+    """How checkpoints write and read the trained weights: ``save(folder, state_dict)`` (the full
+    state dict gathered under ZeRO-3, else None: read the model) and ``load(folder)``."""
+
+    save: Callable[[Path, dict | None], None]
+    load: Callable[[Path], None]
+
+
+def hf_weights(model, tokenizer=None) -> Weights:
+    """A Hugging Face model's weights (safetensors; only the adapters of a PEFT model), saved with
+    its tokenizer so a checkpoint folder loads with ``from_pretrained``."""
+    return Weights(lambda folder, state_dict: save_hf(folder, model, tokenizer, state_dict),
+                   lambda folder: load_model_weights(model, folder))
+
+
+def save_checkpoint(output_dir, step: int, weights: Weights, trainer_state: dict, save_total_limit: int | None = None,
+                    state_dict: dict | None = None, write_extra: Callable[[Path], None] | None = None) -> Path:
     """Write ``checkpoint-{step}`` atomically; returns its path.
 
-    With several processes every one calls this: the main one writes the model (``state_dict``,
+    With several processes every one calls this: the main one writes the weights (``state_dict``,
     gathered beforehand under ZeRO-3) and renames the folder into place; ``write_extra(tmp)``
     (DeepSpeed's sharded optimizer states) and each process's RNG state are written by all.
     """
@@ -108,7 +129,7 @@ def save_checkpoint(output_dir, step: int, model, tokenizer, trainer_state: dict
     distributed.barrier()
     try:
         if main:
-            save_hf(tmp, model, tokenizer, state_dict)
+            weights.save(tmp, state_dict)
             torch.save({**trainer_state, "step": step}, tmp / STATE_FILE)
         if write_extra is not None:
             write_extra(tmp)
@@ -146,3 +167,85 @@ def load_trainer_state(checkpoint: Path) -> dict:
                                 "was it written by fewer processes?")
     state["rng"] = torch.load(rng, weights_only=False)
     return state
+
+
+@dataclass
+class Checkpointer:
+    """One run's checkpoints, composed into a trainer: the ``weights``, the optimizer and schedule
+    (the engine's, or DeepSpeed's own sharded checkpoint), each process's RNG state, and the
+    trainer's own ``state()`` (a dict, restored by ``load_state``) for what else an exact resume
+    needs (data position, controllers, generators)."""
+
+    engine: object  # fastalign.engine.Engine
+    output_dir: str | Path
+    weights: Weights
+    state: Callable[[], dict] = dict
+    load_state: Callable[[dict], None] = lambda state: None
+    save_total_limit: int | None = None
+    last_saved: Path | None = field(default=None, init=False)
+
+    def save(self, step: int) -> Path:
+        """``checkpoint-{step}`` in ``output_dir``; every process calls it."""
+        ds = self.engine.deepspeed
+        if ds is None:
+            scheduler = self.engine.lr_scheduler
+            state, full, extra = {"optimizer": self.engine.optimizer.state_dict(),
+                                  "scheduler": None if scheduler is None else scheduler.state_dict()}, None, None
+        else:  # DeepSpeed keeps the (sharded) optimizer and the schedule in its own checkpoint
+            state, full = {}, distributed.full_state_dict(self.engine)
+            extra = lambda tmp: ds.save_checkpoint(str(tmp / "deepspeed"), tag="state")  # noqa: E731
+        state.update(self.state())
+        self.last_saved = save_checkpoint(self.output_dir, step, self.weights, state, self.save_total_limit,
+                                          state_dict=full, write_extra=extra)
+        return self.last_saved
+
+    def save_weights(self, folder) -> None:
+        """The weights alone into ``folder`` (the final model); every process calls it (ZeRO-3
+        gathers the shards), the main one writes."""
+        state = distributed.full_state_dict(self.engine) if self.engine.deepspeed is not None else None
+        if distributed.is_main():
+            self.weights.save(Path(folder), state)
+        distributed.barrier()
+
+    def resume(self, target: str | Path | bool) -> int:
+        """Restore the checkpoint ``target`` (a folder, or True: the latest in ``output_dir``):
+        weights, optimizer, schedule, RNG and the trainer's state; returns its step."""
+        path = latest_checkpoint(self.output_dir) if target is True else Path(target)
+        if path is None or not path.is_dir():
+            raise FileNotFoundError(f"resume_from_checkpoint={target!r}: no checkpoint found (output_dir={self.output_dir})")
+        state = load_trainer_state(path)
+        engine = self.engine
+        if engine.deepspeed is None:
+            self.weights.load(path)
+            engine.optimizer.load_state_dict(state["optimizer"])
+            if engine.lr_scheduler is not None and state["scheduler"] is not None:
+                engine.lr_scheduler.load_state_dict(state["scheduler"])
+        else:
+            if not (path / "deepspeed").is_dir():
+                raise FileNotFoundError(f"{path} was written without DeepSpeed; it has no DeepSpeed optimizer states")
+            engine.deepspeed.load_checkpoint(str(path / "deepspeed"), tag="state")
+        set_rng_state(state["rng"])
+        self.load_state(state)
+        return state["step"]
+
+
+class Checkpointed:
+    """Saving and resuming as every trainer offers them, through its ``checkpointer`` and its
+    ``global_step`` (the step a checkpoint is named after and a resumed run goes on from)."""
+
+    checkpointer: Checkpointer
+    global_step: int
+
+    def save_model(self, output_dir: str | Path) -> None:
+        """The trained weights (and tokenizer) in their saved format; every process calls it."""
+        self.checkpointer.save_weights(output_dir)
+
+    def save_checkpoint(self) -> Path:
+        """``checkpoint-{global_step}`` in ``output_dir``: what an exact resume needs."""
+        return self.checkpointer.save(self.global_step)
+
+    def resume(self, target: str | Path | bool) -> int:
+        """Restore the checkpoint ``target`` (a folder, or True: the latest in ``output_dir``);
+        returns its step, now ``global_step``."""
+        self.global_step = self.checkpointer.resume(target)
+        return self.global_step

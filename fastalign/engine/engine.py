@@ -1,7 +1,7 @@
 """The optimisation engine: device, precision, AdamW and its schedule, backward and clipped steps.
 
-Algorithms never touch the optimizer themselves: they hand a loss to ``backward`` and call
-``step`` once per optimizer step. The same calls run plain torch on one device, or DeepSpeed ZeRO
+Algorithms never touch the optimizer themselves: they hand each micro-batch's loss to
+``accumulate`` and call ``step`` once per optimizer step. The same calls run plain torch on one device, or DeepSpeed ZeRO
 (``fastalign.engine.distributed``) when the config names a DeepSpeed config or the run has
 several processes.
 """
@@ -69,7 +69,13 @@ def adamw(model: torch.nn.Module, config: TrainingConfig) -> torch.optim.AdamW:
 class Engine:
     """Owns the trained model's optimizer, schedule, precision and (optionally) DeepSpeed."""
 
-    def __init__(self, model, config: TrainingConfig, num_training_steps: int, optimizer=None, lr_scheduler=None):
+    def __init__(self, model: torch.nn.Module, config: TrainingConfig, num_training_steps: int | None = None,
+                 optimizer: torch.optim.Optimizer | None = None, lr_scheduler=None):
+        """``num_training_steps``: the length of the schedule (``lr_scheduler_type`` after the warmup);
+        None when the run's length is not known: the rate is then constant after ``warmup_steps``,
+        and without warmup there is no schedule at all (``lr_scheduler`` None: the optimizer's
+        rate is left alone, e.g. to a schedule the caller steps). ``optimizer`` and
+        ``lr_scheduler`` replace the default AdamW and schedule."""
         self.config = config
         distributed.init_distributed()
         self.device = default_device()
@@ -81,11 +87,14 @@ class Engine:
         self.model = model.to(self.device)
         self.optimizer = optimizer or adamw(model, config)
         # Every schedule warms up first ("constant" is transformers' constant_with_warmup).
-        kind = "constant_with_warmup" if config.lr_scheduler_type == "constant" else config.lr_scheduler_type
-        self.lr_scheduler = lr_scheduler or get_scheduler(
-            kind, self.optimizer,
-            num_warmup_steps=warmup_steps(config, num_training_steps), num_training_steps=num_training_steps,
-        )
+        if lr_scheduler is None and num_training_steps is None:
+            if config.warmup_steps > 0:
+                lr_scheduler = get_scheduler("constant_with_warmup", self.optimizer, num_warmup_steps=config.warmup_steps)
+        elif lr_scheduler is None:
+            kind = "constant_with_warmup" if config.lr_scheduler_type == "constant" else config.lr_scheduler_type
+            lr_scheduler = get_scheduler(kind, self.optimizer, num_warmup_steps=warmup_steps(config, num_training_steps),
+                                         num_training_steps=num_training_steps)
+        self.lr_scheduler = lr_scheduler
         self.deepspeed = None
         if planned_zero_stage(config) is not None:
             self.deepspeed = distributed.initialize_training(self, config)
@@ -132,11 +141,15 @@ class Engine:
             self.optimizer.zero_grad(set_to_none=True)
             raise FloatingPointError(f"non-finite gradient norm ({norm}); the step was skipped, weights unchanged")
         self.optimizer.step()
-        self.lr_scheduler.step()
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
     @property
     def lr(self) -> float:
+        """The learning rate of the next optimizer step (of the first parameter group)."""
+        if self.lr_scheduler is None:
+            return self.optimizer.param_groups[0]["lr"]
         return self.lr_scheduler.get_last_lr()[0]
 

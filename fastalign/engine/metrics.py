@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 METRICS_FILE = "metrics.jsonl"
@@ -97,6 +98,15 @@ class MetricsLogger:
             self.writer.close()
         if self.file is not None:
             self.file.close()
+
+
+def peak_memory_gb(device) -> float:
+    """The run's peak memory so far: allocated on a GPU, the process's resident set on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
 
 
 def _plain(value):

@@ -1,4 +1,4 @@
-"""The one training loop every fastalign algorithm (except PPO and DDPO's outer loop) runs on.
+"""The trainer of the packed-batch algorithms (SFT, reward, DPO): planned steps over a token store.
 
 An algorithm subclasses ``Trainer`` and supplies two things:
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 from typing import TypeVar
 
 import torch
@@ -30,79 +29,23 @@ from transformers import set_seed
 
 from fastalign.data import PackedBatch, plan_units
 from fastalign.data.store import Batches, Stream, StreamBatches, TokenStore
+from fastalign.models.modes import eval_mode
 
-from . import checkpoint as ckpt
 from . import distributed
+from .checkpoint import Checkpointed, Checkpointer, hf_weights
 from .config import TrainingConfig
 from .engine import Engine
-from .metrics import MetricsLogger
+from .loop import Cadence, Loop
+from .metrics import peak_memory_gb
 
 T = TypeVar("T")
 
 
-class Checkpointing:
-    """Saving the trained model, and checkpoints a killed run resumes from: the model, the
-    optimizer and schedule (DeepSpeed's own checkpoint under DeepSpeed), each process's RNG state
-    and whatever ``extra_state`` adds. Needs ``args``, ``engine``, ``model``, ``tokenizer``,
-    ``global_step`` and ``logger``."""
-
-    def extra_state(self) -> dict:
-        """Algorithm state a resumed run needs besides the model and optimizer."""
-        return {}
-
-    def load_extra_state(self, state: dict) -> None:
-        pass
-
-    def save_model(self, output_dir) -> None:
-        """The trained model (and tokenizer) in Hugging Face format; every process calls it (ZeRO-3
-        gathers the shards), the main one writes."""
-        state = distributed.full_state_dict(self.engine) if self.engine.deepspeed is not None else None
-        if distributed.is_main():
-            ckpt.save_hf(output_dir, self.model, self.tokenizer, state)
-        distributed.barrier()
-
-    def save_checkpoint(self) -> Path:
-        ds = self.engine.deepspeed
-        if ds is None:
-            state, full, extra = {"optimizer": self.engine.optimizer.state_dict(),
-                                  "scheduler": self.engine.lr_scheduler.state_dict()}, None, None
-        else:  # DeepSpeed keeps the (sharded) optimizer and the schedule in its own checkpoint
-            state, full = {}, distributed.full_state_dict(self.engine)
-            extra = lambda tmp: ds.save_checkpoint(str(tmp / "deepspeed"), tag="state")  # noqa: E731
-        state.update(self.extra_state())
-        path = ckpt.save_checkpoint(
-            self.args.output_dir, self.global_step, self.model, self.tokenizer, state, self.args.save_total_limit,
-            state_dict=full, write_extra=extra,
-        )
-        if self.logger is not None:  # None outside train(): a checkpoint saved by hand
-            self.logger.write(f"saved {path}")
-        return path
-
-    def _resume(self) -> int:
-        target = self.args.resume_from_checkpoint
-        path = ckpt.latest_checkpoint(self.args.output_dir) if target is True else Path(target)
-        if path is None or not path.is_dir():
-            raise FileNotFoundError(f"resume_from_checkpoint={target!r}: no checkpoint found (output_dir={self.args.output_dir})")
-        state = ckpt.load_trainer_state(path)
-        if self.engine.deepspeed is None:
-            ckpt.load_model_weights(self.model, path)
-            self.engine.optimizer.load_state_dict(state["optimizer"])
-            self.engine.lr_scheduler.load_state_dict(state["scheduler"])
-        else:
-            if not (path / "deepspeed").is_dir():
-                raise FileNotFoundError(f"{path} was written without DeepSpeed; it has no DeepSpeed optimizer states")
-            self.engine.deepspeed.load_checkpoint(str(path / "deepspeed"), tag="state")
-        ckpt.set_rng_state(state["rng"])
-        self.load_extra_state(state)
-        self.global_step = state["step"]
-        return state["step"]
-
-
-class LossPasses(Checkpointing):
+class LossPasses:
     """An algorithm's loss run over packed micro-batches, shared by ``Trainer`` and the trainers the
     caller drives step by step (``IterativeSFTTrainer``): the algorithm supplies ``compute_loss``
     (and ``batch_weight`` when its sums count something else than loss tokens), ``_pass`` runs
-    them. Needs ``engine`` and ``global_step`` besides what ``Checkpointing`` needs."""
+    them. Needs ``engine`` and ``global_step``."""
 
     def batch_weight(self, batch: PackedBatch) -> float:
         return float(batch.num_loss_tokens)
@@ -140,7 +83,7 @@ class LossPasses(Checkpointing):
         return dict(zip(keys, distributed.all_reduce_sum([totals[k] for k in keys], self.engine.device)))
 
 
-class Trainer(LossPasses):
+class Trainer(LossPasses, Checkpointed):
     def __init__(self, model, args: TrainingConfig, train_data: TokenStore | Stream,
                  eval_data: TokenStore | None = None, tokenizer=None, optimizers=(None, None)):
         self.streamed = isinstance(train_data, Stream)
@@ -160,6 +103,8 @@ class Trainer(LossPasses):
         self.num_training_steps = args.max_steps if args.max_steps > 0 else args.num_train_epochs * self.steps_per_epoch
         self.engine = Engine(model, args, self.num_training_steps, *optimizers)
         self.model = model
+        self.checkpointer = Checkpointer(self.engine, args.output_dir, hf_weights(model, tokenizer), self.extra_state,
+                                         self.load_extra_state, args.save_total_limit)
         self.global_step = 0  # optimizer steps done
         self.logger = None
 
@@ -239,11 +184,8 @@ class Trainer(LossPasses):
         """Exact means of the loss and the logged sums over the evaluation set, prefixed ``eval/``."""
         if not self.eval_batches:
             return {}
-        was_training = self.model.training
-        self.model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(self.model):
             sums = self._pass(self._my_share(list(range(len(self.eval_batches)))), source=self.eval_batches)
-        self.model.train(was_training)
         weight = sums.pop("_weight")
         for key in ("_tokens", "_real_tokens"):
             del sums[key]
@@ -251,58 +193,44 @@ class Trainer(LossPasses):
         out.update({f"eval/{k}": v / weight for k, v in sums.items()})
         return out
 
+    def train_step(self, step: int) -> dict:
+        """Optimizer step ``step``: its metrics (``loss``, ``grad_norm``, ``lr``, throughput, ...)."""
+        self.global_step = step
+        began = time.perf_counter()
+        lr = self.engine.lr
+        metrics = self._run_step(self.step_plan(step))
+        metrics["grad_norm"] = self.engine.step()
+        seconds = time.perf_counter() - began
+        epoch = self.train_batches.epoch if self.streamed else (step + 1) / self.steps_per_epoch
+        metrics.update(lr=lr, epoch=epoch, seconds_per_step=seconds, tokens_per_s=metrics["num_tokens"] / seconds,
+                       peak_memory_gb=peak_memory_gb(self.engine.device))
+        self.global_step = step + 1
+        return metrics
+
     def train(self) -> dict:
+        """The run: ``num_training_steps`` optimizer steps (from the resumed checkpoint's with
+        ``resume_from_checkpoint``), then the final evaluation and the model saved to ``output_dir``.
+        Returns ``train_loss`` (mean over the steps run), ``train_runtime``, ``steps`` and the final
+        evaluation's metrics."""
         args = self.args
         set_seed(args.seed)  # the run repeats whatever ran between construction and train()
-        start = self._resume() if args.resume_from_checkpoint else 0
-        self.logger = MetricsLogger(
-            args.output_dir, self.num_training_steps, start, args.report_to, enabled=distributed.is_main(),
-            show_bar=not args.disable_tqdm,
-        )
+        start = self.resume(args.resume_from_checkpoint) if args.resume_from_checkpoint else 0
+        loop = Loop(args.output_dir, self.num_training_steps, start, report_to=args.report_to,
+                    show_bar=not args.disable_tqdm)
+        self.logger = loop.logger
+        began, losses = time.perf_counter(), []
+
+        def step(k: int) -> list[tuple[int, dict]]:
+            metrics = self.train_step(k)
+            losses.append(metrics["loss"])
+            return [(self.global_step, metrics)]
+
         self.model.train()
-        window, began, losses = [], time.perf_counter(), []
         try:
-            for step in range(start, self.num_training_steps):
-                self.global_step = step
-                t0 = time.perf_counter()
-                lr = self.engine.lr
-                metrics = self._run_step(self.step_plan(step))
-                metrics["grad_norm"] = self.engine.step()
-                seconds = time.perf_counter() - t0
-                epoch = self.train_batches.epoch if self.streamed else (step + 1) / self.steps_per_epoch
-                metrics.update(lr=lr, epoch=epoch, seconds_per_step=seconds,
-                               tokens_per_s=metrics["num_tokens"] / seconds, peak_memory_gb=peak_memory_gb(self.engine.device))
-                self.global_step = done = step + 1
-                losses.append(metrics["loss"])
-                window.append(metrics)
-                if done % args.logging_steps == 0 or done == self.num_training_steps:
-                    self.logger.log(done, _mean(window))
-                    window = []
-                if args.eval_steps and done % args.eval_steps == 0 and done < self.num_training_steps:
-                    self.logger.log(done, self.evaluate())
-                if args.save_steps and done % args.save_steps == 0:
-                    self.save_checkpoint()
-                self.logger.advance()
-            final = self.evaluate()
-            if final:
-                self.logger.log(self.num_training_steps, final)
-            self.save_model(args.output_dir)
+            final = loop.run(step, Cadence(args.logging_steps, args.eval_steps, args.save_steps),
+                             evaluate=self.evaluate, save=self.save_checkpoint,
+                             finish=lambda: self.save_model(args.output_dir))
         finally:
-            self.logger.close()
-        runtime = time.perf_counter() - began
-        return {"train_loss": sum(losses) / len(losses) if losses else float("nan"), "train_runtime": runtime,
-                "steps": self.num_training_steps - start, **final}
-
-def peak_memory_gb(device) -> float:
-    """The run's peak memory so far: allocated on a GPU, the process's resident set on a CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
-
-
-def _mean(records: list[dict]) -> dict:
-    """Metrics over a logging window: means, except the position in the run (last value)."""
-    last = ("lr", "epoch", "peak_memory_gb")
-    return {k: records[-1][k] if k in last else sum(r[k] for r in records) / len(records) for k in records[0]}
+            self.logger = None
+        return {"train_loss": sum(losses) / len(losses) if losses else float("nan"),
+                "train_runtime": time.perf_counter() - began, "steps": self.num_training_steps - start, **final}

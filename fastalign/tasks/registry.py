@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 
+from fastalign.errors import ConfigError
+
 from .compressibility import animal_prompt, jpeg_compressibility, jpeg_incompressibility
 from .sort_digits import sortedness_reward
 
@@ -29,10 +31,13 @@ def named_function(spec: str, builtins: dict, kind: str = "reward_function"):
         return builtins[spec]
     module, _, name = spec.partition(":")
     if not module or not name:
-        raise ValueError(f"{kind} {spec!r}: expected one of {sorted(builtins)} or 'package.module:function'")
-    fn = getattr(importlib.import_module(module), name, None)
+        raise ConfigError(f"{kind} {spec!r}: expected one of {sorted(builtins)} or 'package.module:function'")
+    try:
+        fn = getattr(importlib.import_module(module), name, None)
+    except ImportError as err:
+        raise ConfigError(f"{kind} {spec!r}: cannot import {module} ({err})") from None
     if not callable(fn):
-        raise ValueError(f"{kind} {spec!r}: {module} has no function {name!r}")
+        raise ConfigError(f"{kind} {spec!r}: {module} has no function {name!r}")
     return fn
 
 

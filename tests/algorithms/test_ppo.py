@@ -489,7 +489,7 @@ def test_a_given_lr_scheduler_is_checkpointed_and_resumed(tmp_path):
         first.step(*samples(seed=seed))
     first.save_checkpoint()
     resumed = build(resume=True)
-    assert resumed._resume() == 2
+    assert resumed.resume(True) == 2
     assert resumed.lr_scheduler.last_epoch == first.lr_scheduler.last_epoch == 2
     assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.25)
 

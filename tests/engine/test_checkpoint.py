@@ -78,7 +78,7 @@ class _Boom(RuntimeError):
 
 def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
     model = tiny_model("llama", hidden_size=32, layers=1, heads=2)
-    first = ckpt.save_checkpoint(tmp_path, 2, model, None, {"optimizer": {}})
+    first = ckpt.save_checkpoint(tmp_path, 2, ckpt.hf_weights(model), {"optimizer": {}})
     before = {p.name: p.read_bytes() for p in first.iterdir()}
 
     def explode(*args, **kwargs):
@@ -86,7 +86,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypat
 
     monkeypatch.setattr(ckpt.torch, "save", explode)  # dies after the weights were written
     with pytest.raises(_Boom):
-        ckpt.save_checkpoint(tmp_path, 4, model, None, {"optimizer": {}})
+        ckpt.save_checkpoint(tmp_path, 4, ckpt.hf_weights(model), {"optimizer": {}})
     assert ckpt.checkpoints(tmp_path) == [first]
     assert {p.name: p.read_bytes() for p in first.iterdir()} == before
     assert not list(tmp_path.glob(".tmp-*"))
@@ -96,7 +96,7 @@ def test_leftovers_of_a_killed_save_are_not_checkpoints(tmp_path):
     model = tiny_model("llama", hidden_size=32, layers=1, heads=2)
     (tmp_path / ".tmp-checkpoint-6-999").mkdir(parents=True)  # what SIGKILL mid-save leaves
     assert ckpt.latest_checkpoint(tmp_path) is None
-    path = ckpt.save_checkpoint(tmp_path, 8, model, None, {})
+    path = ckpt.save_checkpoint(tmp_path, 8, ckpt.hf_weights(model), {})
     assert ckpt.latest_checkpoint(tmp_path) == path and not list(tmp_path.glob(".tmp-*"))
     assert json.loads((path / "trainer_state.json").read_text())["step"] == 8
 
@@ -104,7 +104,7 @@ def test_leftovers_of_a_killed_save_are_not_checkpoints(tmp_path):
 def test_rotation_keeps_the_newest(tmp_path):
     model = tiny_model("llama", hidden_size=32, layers=1, heads=2)
     for step in (2, 4, 6, 8):
-        ckpt.save_checkpoint(tmp_path, step, model, None, {}, save_total_limit=2)
+        ckpt.save_checkpoint(tmp_path, step, ckpt.hf_weights(model), {}, save_total_limit=2)
     assert [p.name for p in ckpt.checkpoints(tmp_path)] == ["checkpoint-6", "checkpoint-8"]
 
 
@@ -112,7 +112,7 @@ def test_checkpoint_loads_back_with_from_pretrained(tmp_path):
     from transformers import AutoModelForCausalLM
 
     model = tiny_model("llama", hidden_size=32, layers=1, heads=2)
-    path = ckpt.save_checkpoint(tmp_path, 1, model, None, {})
+    path = ckpt.save_checkpoint(tmp_path, 1, ckpt.hf_weights(model), {})
     loaded = AutoModelForCausalLM.from_pretrained(path)
     ids = torch.tensor([[5, 6, 7, 8]])
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits)

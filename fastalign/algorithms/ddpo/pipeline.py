@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+if TYPE_CHECKING:
+    import PIL.Image
+    from diffusers import StableDiffusionPipeline
+
 TINY_PIPELINE = "fastalign/tiny-sd"  # the built-in pipeline: random weights, 64 x 64 images
 
 
-def load_pipeline(pipeline):
+def load_pipeline(pipeline: object) -> StableDiffusionPipeline:
     """A ``StableDiffusionPipeline`` (built or loaded when a name or path) with a DDIM scheduler."""
     try:
         from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -33,7 +38,7 @@ def load_pipeline(pipeline):
     return pipeline
 
 
-def place(module, device, dtype) -> None:
+def place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
     """Move ``module``, casting only when its dtype differs (diffusers warns on every cast)."""
     module.to(device)
     if module.dtype != dtype:
@@ -42,7 +47,7 @@ def place(module, device, dtype) -> None:
 
 
 
-def image_grid(images, rows: int | None = None, scale: int = 1):
+def image_grid(images: torch.Tensor, rows: int | None = None, scale: int = 1) -> PIL.Image.Image:
     """Images ``[B, 3, H, W]`` in ``[0, 1]`` tiled into one PIL image, ``rows`` rows (default: as
     square as possible), each pixel repeated ``scale`` times."""
     from PIL import Image

@@ -8,6 +8,7 @@ import contextlib
 import time
 import warnings
 from collections import deque
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,15 +17,16 @@ from transformers import set_seed
 
 from fastalign.engine import TrainingConfig, distributed
 from fastalign.engine import checkpoint as ckpt
+from fastalign.engine.checkpoint import Checkpointed, Checkpointer
 from fastalign.engine.engine import Engine, default_device
-from fastalign.engine.metrics import MetricsLogger
-from fastalign.engine.trainer import Checkpointing
+from fastalign.engine.loop import Cadence, Loop
 from fastalign.kernels.ddpo import ddim_step_with_logprob, ddpo_loss
 from fastalign.kernels.rl import PerPromptStatTracker
 
 from .config import PRECISIONS, DDPOConfig
+from .launch import DDPO_KEYS, launch_ddpo
 from .pipeline import load_pipeline, place
-from .weights import TrainedWeights
+from .weights import unet_weights
 
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -33,7 +35,7 @@ BAR_KEYS = ("reward_mean", "approx_kl", "clipfrac")
 PER_STEP = ("timesteps", "latents", "next_latents", "log_probs")
 
 
-class DDPOTrainer(Checkpointing):
+class DDPOTrainer(Checkpointed):
     """DDPO on a Stable Diffusion pipeline (TRL 0.7.10's interface).
 
     ``reward_function(images, prompts, metadata) -> (rewards, reward_metadata)`` (or just the
@@ -44,6 +46,9 @@ class DDPOTrainer(Checkpointing):
     prompt_image_data, global_step, logger)``, if given, is called once per epoch with
     ``[[images, prompts, metadata, rewards, reward_metadata]]`` of the epoch's last sampled batch.
     """
+
+    run_keys = DDPO_KEYS
+    launch = classmethod(launch_ddpo)
 
     def __init__(self, config: DDPOConfig | None = None, reward_function=None, prompt_function=None,
                  sd_pipeline=None, image_samples_hook=None):
@@ -82,15 +87,12 @@ class DDPOTrainer(Checkpointing):
         self.trainable = [p for p in unet.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(self.trainable, lr=c.train_learning_rate, betas=(c.train_adam_beta1, c.train_adam_beta2),
                                       weight_decay=c.train_adam_weight_decay, eps=c.train_adam_epsilon)
-        self.args = TrainingConfig(output_dir=c.output_dir, seed=c.seed, learning_rate=c.train_learning_rate,
-                                   lr_scheduler_type="constant", max_grad_norm=c.train_max_grad_norm,
-                                   save_total_limit=c.num_checkpoint_limit, resume_from_checkpoint=c.resume_from or None,
-                                   disable_tqdm=c.disable_tqdm)
-        # A constant learning rate (no warmup), so the schedule's length does not matter.
-        self.engine = Engine(unet, self.args, 1, optimizer)
+        # The engine's options in its own terms: clipping, fp32 weights, a constant learning rate.
+        options = TrainingConfig(learning_rate=c.train_learning_rate, max_grad_norm=c.train_max_grad_norm)
+        self.engine = Engine(unet, options, None, optimizer)
         self.optimizer = self.engine.optimizer
-        self.model = TrainedWeights(unet, c.use_lora)  # what checkpoints save and load
-        self.tokenizer = None
+        self.checkpointer = Checkpointer(self.engine, c.output_dir, unet_weights(unet, c.use_lora), self.extra_state,
+                                         self.load_extra_state, c.num_checkpoint_limit)
         self.stat_tracker = (PerPromptStatTracker(c.per_prompt_stat_tracking_buffer_size, c.per_prompt_stat_tracking_min_count)
                              if c.per_prompt_stat_tracking else None)
         self.generator = torch.Generator(self.device).manual_seed(c.seed)  # sampling noise
@@ -130,7 +132,7 @@ class DDPOTrainer(Checkpointing):
         return uncond + self.config.sample_guidance_scale * (cond - uncond)
 
     @torch.no_grad()
-    def sample(self, prompts) -> tuple[dict, torch.Tensor]:
+    def sample(self, prompts: Sequence[str]) -> tuple[dict, torch.Tensor]:
         """Denoise one batch of prompts: the recorded trajectory (a dict of ``[B, ...]`` tensors)
         and the decoded images ``[B, 3, H, W]`` in ``[0, 1]``."""
         c, pipe = self.config, self.pipeline
@@ -166,7 +168,7 @@ class DDPOTrainer(Checkpointing):
         return samples, images
 
     @torch.no_grad()
-    def generate(self, prompts, seed: int = 0) -> torch.Tensor:
+    def generate(self, prompts: Sequence[str], seed: int = 0) -> torch.Tensor:
         """Images ``[B, 3, H, W]`` in ``[0, 1]`` for ``prompts``, sampled as in training but from
         their own seeded noise (the training run's sampling is left untouched): a fixed set of
         prompts and a seed compare a policy before and after training."""
@@ -270,9 +272,9 @@ class DDPOTrainer(Checkpointing):
                     stats = []
         return records
 
-    def step(self, epoch: int, global_step: int) -> int:
-        """One epoch: sample, score, train. Returns the global (optimizer) step after it."""
-        self.global_step = global_step
+    def _epoch(self, epoch: int) -> list[dict]:
+        """One epoch from ``global_step``: sample, score, train; its optimizer steps' records (the
+        epoch's sampling statistics with the first)."""
         t0 = time.perf_counter()
         samples, rewards, prompts, last = self._sample_epoch()
         t1 = time.perf_counter()
@@ -280,13 +282,17 @@ class DDPOTrainer(Checkpointing):
         sampled = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std(unbiased=False)),
                    "epoch": epoch, "time/sampling": t1 - t0}
         if self.image_samples_hook is not None:
-            self.image_samples_hook([last], global_step, self.logger)
+            self.image_samples_hook([last], self.global_step, self.logger)
         records = self._train_epoch(samples, epoch)
-        records[0] = {**sampled, **records[0]}  # the epoch's sampling is logged with its first update
-        if self.logger is not None:
-            for offset, record in enumerate(records, start=1):
-                self.logger.log(global_step + offset, record)
+        records[0] = {**sampled, **records[0]}
         self.last_stats = {**sampled, **_mean(records), "time/training": time.perf_counter() - t1}
+        return records
+
+    def step(self, epoch: int, global_step: int) -> int:
+        """One epoch (TRL's call): sample, score, train. Returns the global (optimizer) step after it;
+        ``last_stats`` holds the epoch's statistics."""
+        self.global_step = global_step
+        self._epoch(epoch)
         return self.global_step
 
     def train(self, epochs: int | None = None) -> dict:
@@ -295,28 +301,30 @@ class DDPOTrainer(Checkpointing):
         c = self.config
         total = epochs if epochs is not None else c.num_epochs
         start = 0
-        if self.args.resume_from_checkpoint:
-            self._resume()
+        if c.resume_from:
+            self.resume(c.resume_from)
             start = self.first_epoch
-        steps_done = start * c.optimizer_steps_per_epoch
-        self.logger = MetricsLogger(c.output_dir, total, steps_done, c.report_to, show_bar=not c.disable_tqdm,
-                                    bar_keys=BAR_KEYS, bar_initial=start, bar_desc="ddpo epochs", bar_unit="epoch")
+        loop = Loop(c.output_dir, total, start, report_to=c.report_to, show_bar=not c.disable_tqdm,
+                    keep_records_to=start * c.optimizer_steps_per_epoch, bar_keys=BAR_KEYS, bar_desc="ddpo epochs",
+                    bar_unit="epoch")
+        self.logger = loop.logger
         began, self.last_stats = time.perf_counter(), {}
+
+        def epoch_records(epoch: int) -> list[tuple[int, dict]]:
+            first = self.global_step + 1
+            records = self._epoch(epoch)
+            self.first_epoch = epoch + 1
+            return list(enumerate(records, start=first))
+
         try:
-            for epoch in range(start, total):
-                self.step(epoch, self.global_step)
-                self.first_epoch = epoch + 1
-                if (epoch + 1) % c.save_freq == 0 and epoch + 1 < total:
-                    self.save_checkpoint()
-                self.logger.show(self.last_stats)  # the epoch's means, over its last step's
-                self.logger.advance()
-            self.save_model(c.output_dir)
+            loop.run(epoch_records, Cadence(save_steps=c.save_freq, save_last=False), save=self.save_checkpoint,
+                     finish=lambda: self.save_model(c.output_dir), shown=lambda: self.last_stats)
         finally:
-            self.logger.close()
+            self.logger = None
         return {**self.last_stats, "train_runtime": time.perf_counter() - began, "epochs": total - start}
 
     # ---- saving and checkpoints ----------------------------------------------------------------
-    def save_model(self, output_dir) -> None:
+    def save_model(self, output_dir: str | Path) -> None:
         """The pipeline in diffusers format, or with LoRA only the adapters (``pytorch_lora_weights
         .safetensors``, loaded by ``pipeline.load_lora_weights``)."""
         output_dir = Path(output_dir)

@@ -9,14 +9,17 @@ every generated token would gather and release every layer again.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 
 from fastalign.models.modes import eval_mode
 
 
-def generate_responses(model, query_tensor, *, device, pad_token_id: int, length_sampler, batch_size: int,
-                       return_prompt: bool, remove_padding: bool, context, kwargs: dict):
+def generate_responses(model: torch.nn.Module, query_tensor: torch.Tensor | list[torch.Tensor], *,
+                       device: torch.device, pad_token_id: int, length_sampler: Callable[[], int] | None,
+                       batch_size: int, return_prompt: bool, remove_padding: bool,
+                       context: contextlib.AbstractContextManager, kwargs: dict) -> torch.Tensor | list[torch.Tensor]:
     """``model``'s responses to ``query_tensor`` (one 1-D tensor: returns ``[1, L]``; or a list of
     them: returns a list), generated ``batch_size`` at a time with left padding under ``context``,
     each cut after its first end-of-sequence token with ``remove_padding``; ``length_sampler()``
@@ -47,7 +50,7 @@ def generate_responses(model, query_tensor, *, device, pad_token_id: int, length
 
 
 @contextlib.contextmanager
-def whole_model(ds_engine):
+def whole_model(ds_engine: object) -> Iterator[None]:
     """ZeRO-3: every parameter gathered once, the per-module fetch/release hooks lifted meanwhile."""
     import deepspeed
 

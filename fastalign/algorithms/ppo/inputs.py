@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 
-def check_step_inputs(queries, responses, scores, response_masks, *, batch_size: int, vocab: int, device):
+def check_step_inputs(queries: list[torch.Tensor], responses: list[torch.Tensor], scores: Sequence[float] | torch.Tensor,
+                      response_masks: list[torch.Tensor] | None, *, batch_size: int, vocab: int,
+                      device: torch.device) -> tuple[list, list, torch.Tensor, list | None]:
     """``(queries, responses, scores, response_masks)`` of one PPO step, checked: ``batch_size``
     samples, 1-D token-id tensors inside ``[0, vocab)``, masks shaped like their responses, finite
     scores (returned as an fp32 tensor on ``device``); a bad one is named with its index."""

@@ -3,6 +3,9 @@ of every epoch, shuffled from the seed), read epoch after epoch."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
+import datasets
 import torch
 
 from fastalign.engine import distributed
@@ -13,7 +16,8 @@ def dict_of_lists(rows: list[dict]) -> dict[str, list]:
     return {key: [row[key] for row in rows] for key in rows[0]}
 
 
-def prompt_loader(dataset, batch_size: int, seed: int, collate_fn):
+def prompt_loader(dataset: datasets.Dataset, batch_size: int, seed: int,
+                  collate_fn: Callable[[list[dict]], dict]) -> torch.utils.data.DataLoader:
     """Batches of ``batch_size`` rows of ``dataset`` (the last partial one dropped), shuffled from
     ``seed``; with several processes each gets its own share (a ``DistributedSampler``)."""
     from torch.utils.data import DataLoader, DistributedSampler
@@ -26,7 +30,7 @@ def prompt_loader(dataset, batch_size: int, seed: int, collate_fn):
                       collate_fn=collate_fn, generator=torch.Generator().manual_seed(seed) if sampler is None else None)
 
 
-def endless(dataloader, skip: int = 0):
+def endless(dataloader: torch.utils.data.DataLoader, skip: int = 0) -> Iterator[dict]:
     """``dataloader``'s batches, epoch after epoch, after skipping ``skip`` (a resumed run)."""
     epoch = 0
     while True:

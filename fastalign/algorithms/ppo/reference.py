@@ -5,11 +5,14 @@ from __future__ import annotations
 import copy
 import re
 
+import torch
+
 # Decoder-layer names, to find where the layers shared with the reference stop.
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 
 
-def create_reference_model(model, num_shared_layers: int | None = None, share: bool = True):
+def create_reference_model(model: torch.nn.Module, num_shared_layers: int | None = None,
+                           share: bool = True) -> torch.nn.Module:
     """A frozen reference for ``model`` (a causal LM): a copy, or with ``num_shared_layers`` one
     whose parameters below that layer (embeddings and the first ``num_shared_layers`` layers) are
     the policy's own, frozen in the policy too, so only the layers above are copied (``share=False``

@@ -1,8 +1,10 @@
-"""A PPO batch laid out flat over its response tokens (``Rollout``), and the exact per-token KL
-between the policy and the reference over the whole vocabulary (``full_kl``)."""
+"""PPO's rollout records: the batch's flat layout over its response tokens (``RolloutLayout``), what
+the forwards give (``Forward``), the whole batch with its advantages (``Rollout``); and the exact
+per-token KL between the policy and the reference over the vocabulary (``full_kl``)."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -12,31 +14,34 @@ from fastalign.kernels.kl import kl_penalty
 from fastalign.models import gathered, lm_head
 
 
-@dataclass
-class Rollout:
+@dataclass(frozen=True)
+class RolloutLayout:
     """A PPO batch laid out flat over its response tokens, sample after sample: sample ``i`` owns
-    positions ``cu[i]:cu[i+1]``. Per-token tensors are fp32 ``[M]``."""
+    positions ``cu[i]:cu[i+1]`` of every per-token tensor (``M`` tokens in all).
+
+    ``queries``, ``responses``: the samples' 1-D token tensors; ``cu``: long ``[B + 1]``."""
 
     queries: list
     responses: list
     cu: torch.Tensor
-    mask: torch.Tensor
-    logprobs: torch.Tensor
-    ref_logprobs: torch.Tensor
-    values: torch.Tensor
-    kls: torch.Tensor | None = None  # filled in the forward pass for kl_penalty="full"
-    scores: torch.Tensor | None = None
-    rewards: torch.Tensor | None = None
-    non_score_rewards: torch.Tensor | None = None
-    advantages: torch.Tensor | None = None
-    returns: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, queries: list[torch.Tensor], responses: list[torch.Tensor], device: torch.device) -> RolloutLayout:
+        lengths = torch.tensor([len(r) for r in responses])
+        cu = torch.zeros(len(lengths) + 1, dtype=torch.long)
+        cu[1:] = lengths.cumsum(0)
+        return cls(list(queries), list(responses), cu.to(device))
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.cu[-1])
 
     def units(self) -> list[list[Sequence]]:
         """Each sample as a packing unit: query+response, the loss at the response tokens."""
         return [[Sequence(torch.cat([q, a]).tolist(), [False] * len(q) + [True] * len(a))]
                 for q, a in zip(self.queries, self.responses)]
 
-    def positions(self, samples) -> torch.Tensor:
+    def positions(self, samples: list[int]) -> torch.Tensor:
         """Flat positions of ``samples``' response tokens, in that order."""
         cu = self.cu.tolist()
         return torch.cat([torch.arange(cu[i], cu[i + 1]) for i in samples]).to(self.cu.device)
@@ -52,7 +57,69 @@ class Rollout:
         return out, (rows, cols)
 
 
-def full_kl(policy, hidden, ref, ref_hidden, chunk: int = 256) -> torch.Tensor:
+@dataclass(frozen=True)
+class Forward:
+    """What the rollout forwards give, per response token (fp32 ``[M]``): ``mask`` (1: the
+    policy's token), the policy's ``logprobs`` and ``values``, the reference's ``ref_logprobs``,
+    ``full_kls`` (the exact KL over the vocabulary, only with ``kl_penalty="full"``, else None);
+    and the samples' ``scores`` (fp32 ``[B]``, after scaling and clipping)."""
+
+    layout: RolloutLayout
+    mask: torch.Tensor
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
+    full_kls: torch.Tensor | None
+    scores: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """A whole PPO batch, built once per step from the forwards and the advantages: the fields of
+    ``Forward`` (``values`` as GAE returned them) and, per response token (fp32 ``[M]``), the
+    shaped ``rewards``, their KL part ``non_score_rewards`` (``-kl_coef x kls``), the ``kls`` shaped
+    from, the ``advantages`` and ``returns``."""
+
+    layout: RolloutLayout
+    mask: torch.Tensor
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
+    scores: torch.Tensor
+    kls: torch.Tensor
+    rewards: torch.Tensor
+    non_score_rewards: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+    @property
+    def queries(self) -> list:
+        return self.layout.queries
+
+    @property
+    def responses(self) -> list:
+        return self.layout.responses
+
+    @property
+    def cu(self) -> torch.Tensor:
+        return self.layout.cu
+
+
+class Stopwatch:
+    """Seconds between marks, under the marks' names (``times``)."""
+
+    def __init__(self):
+        self.times: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def mark(self, key: str) -> None:
+        now = time.perf_counter()
+        self.times[key] = now - self._last
+        self._last = now
+
+
+def full_kl(policy: torch.nn.Module, hidden: torch.Tensor, ref: torch.nn.Module, ref_hidden: torch.Tensor,
+            chunk: int = 256) -> torch.Tensor:
     """Exact KL(policy || reference) over the vocabulary at each row of ``hidden`` (fp32 ``[M]``),
     the logits of ``chunk`` tokens at a time."""
     w, b = lm_head(policy)

@@ -22,7 +22,7 @@ def std(x: torch.Tensor) -> float:
     return float(x.std()) if x.numel() > 1 else 0.0
 
 
-def step_stats(r: Rollout, raw: torch.Tensor, mini_stats: list[dict], epochs: int, *, device, world_size: int,
+def step_stats(r: Rollout, raw: torch.Tensor, mini_stats: list[dict], epochs: int, *, device: torch.device, world_size: int,
                kl_coef: float, learning_rate: float) -> dict:
     """A PPO step's stats under TRL's names: scalars averaged over the processes, scores over all
     of theirs (``raw``: every process's raw scores, gathered), distributions as 1-D arrays."""

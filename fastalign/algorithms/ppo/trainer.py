@@ -8,6 +8,7 @@ import contextlib
 import functools
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import datasets
@@ -17,15 +18,17 @@ from transformers import set_seed
 from fastalign.data import IGNORE_INDEX, Sequence, load_rows, pack, plan_batches
 from fastalign.data.prompts import tokenize_prompts
 from fastalign.engine import Engine, distributed
-from fastalign.engine.engine import adamw, planned_zero_stage
-from fastalign.engine.metrics import MetricsLogger
-from fastalign.engine.trainer import Checkpointing, peak_memory_gb
+from fastalign.engine.checkpoint import Checkpointed, Checkpointer, hf_weights
+from fastalign.engine.engine import planned_zero_stage
+from fastalign.engine.loop import Cadence, Loop, last_window
+from fastalign.engine.metrics import peak_memory_gb
 from fastalign.kernels.gae import compute_advantages
-from fastalign.kernels.kl import compute_rewards_packed
 from fastalign.kernels.ppo import ppo_loss
 from fastalign.kernels.rl import AdaptiveKLController, FixedKLController, RunningMoments, masked_whiten
+from fastalign.kernels.shaping import compute_rewards_packed
 from fastalign.models import (
     CausalLMWithValueHead,
+    eval_mode,
     head_logprobs,
     load_model,
     load_reward_model,
@@ -38,13 +41,14 @@ from fastalign.models import (
 from .config import PPOConfig
 from .generation import generate_responses, whole_model
 from .inputs import check_step_inputs
+from .launch import PPO_KEYS, launch_ppo
 from .prompts import dict_of_lists, endless, prompt_loader
 from .reference import create_reference_model
-from .rollout import Rollout, full_kl
+from .rollout import Forward, Rollout, RolloutLayout, Stopwatch, full_kl
 from .stats import BAR_KEYS, SCALAR_ARRAYS, step_stats
 
 
-class PPOTrainer(Checkpointing):
+class PPOTrainer(Checkpointed):
     """PPO on a causal LM with a value head, TRL 0.7.10's interface (``generate``, ``step``) plus
     ``train()`` over a dataset of prompts with a reward function or a reward model.
 
@@ -66,6 +70,8 @@ class PPOTrainer(Checkpointing):
 
     model_loader = staticmethod(load_model)
     peft_task_type = "CAUSAL_LM"
+    run_keys = PPO_KEYS
+    launch = classmethod(launch_ppo)
 
     def __init__(self, config: PPOConfig | None = None, model=None, ref_model=None, tokenizer=None, dataset=None,
                  optimizer=None, data_collator=None, num_shared_layers=None, lr_scheduler=None, *,
@@ -97,13 +103,13 @@ class PPOTrainer(Checkpointing):
         elif num_shared_layers is not None:
             raise ValueError("num_shared_layers is for a copied reference; a PEFT model's reference is the model with "
                              "its adapters disabled")
-        # TRL steps no schedule of its own: the rate stays put unless an lr_scheduler is given, and
-        # that one steps once per PPO step, not per optimizer step.
-        optimizer = optimizer or adamw(model, config)
-        self.engine = Engine(model, config, 1, optimizer,
-                             torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0))
+        # TRL steps no schedule of its own: the rate stays put (after warmup_steps, 0 by default)
+        # unless an lr_scheduler is given, and that one steps once per PPO step, not per optimizer step.
+        self.engine = Engine(model, config, None, optimizer)
         self.optimizer = self.engine.optimizer
         self.lr_scheduler = lr_scheduler
+        self.checkpointer = Checkpointer(self.engine, config.output_dir, hf_weights(model, tokenizer), self.extra_state,
+                                         self.load_extra_state, config.save_total_limit)
         self.ref_model = None if ref_model is None else distributed.wrap_for_inference(ref_model, self.engine)
         self.reward_model = None
         if reward_model is not None:
@@ -150,8 +156,9 @@ class PPOTrainer(Checkpointing):
         return whole_model(self.engine.deepspeed)
 
     @torch.no_grad()
-    def generate(self, query_tensor, length_sampler=None, batch_size: int = 4, return_prompt: bool = True,
-                 generate_ref_response: bool = False, remove_padding: bool = True, **generation_kwargs):
+    def generate(self, query_tensor: torch.Tensor | list[torch.Tensor], length_sampler: Callable[[], int] | None = None,
+                 batch_size: int = 4, return_prompt: bool = True, generate_ref_response: bool = False,
+                 remove_padding: bool = True, **generation_kwargs) -> torch.Tensor | list | tuple:
         """Responses of the policy to ``query_tensor``: one 1-D tensor (returns ``[1, L]``) or a list
         of them (returns a list, generated ``batch_size`` at a time with left padding, each cut after
         its first end-of-sequence token with ``remove_padding``). ``length_sampler()`` draws
@@ -177,7 +184,7 @@ class PPOTrainer(Checkpointing):
 
     # ---- scoring with a reward model -----------------------------------------------------------
     @torch.no_grad()
-    def score(self, queries, responses) -> torch.Tensor:
+    def score(self, queries: list[torch.Tensor], responses: list[torch.Tensor]) -> torch.Tensor:
         """The reward model's score of each query+response, from packed rows: fp32 ``[B]``."""
         if self.reward_model is None:
             raise ValueError("no reward_model was given to the PPOTrainer")
@@ -211,23 +218,17 @@ class PPOTrainer(Checkpointing):
             return head_logprobs(model, hidden, batch.labels[pos]), hidden, model
 
     @torch.no_grad()
-    def _rollout(self, queries, responses, response_masks) -> Rollout:
+    def _rollout(self, queries, responses, response_masks, scores: torch.Tensor) -> Forward:
         """Old log-probs and values of the policy and the reference log-probs at every response
         token, from one packed forward of each model per row; with ``kl_penalty="full"`` also the
         exact per-token KL over the vocabulary (its logits exist a chunk of tokens at a time)."""
         device = self.engine.device
-        lengths = [len(r) for r in responses]
-        cu = torch.zeros(len(lengths) + 1, dtype=torch.long)
-        cu[1:] = torch.tensor(lengths).cumsum(0)
-        m = int(cu[-1])
+        layout = RolloutLayout.of(queries, responses, device)
+        m = layout.num_tokens
         flat = {k: torch.zeros(m, dtype=torch.float32, device=device) for k in ("logp", "ref", "values", "kls")}
-        rollout = Rollout(list(queries), list(responses), cu.to(device), torch.ones(m, device=device), None, None, None)
-        units = rollout.units()
         full = self.config.kl_penalty == "full"
-        was = self.model.training
-        self.model.eval()
-        try:
-            for samples, batch in self._rows(units):
+        with eval_mode(self.model):
+            for samples, batch in self._rows(layout.units()):
                 pos = (batch.labels != IGNORE_INDEX).nonzero()[:, 0]  # found once for both models
                 with self.engine.autocast():
                     policy = self.engine.forward(
@@ -236,17 +237,13 @@ class PPOTrainer(Checkpointing):
                     kls = full_kl(self.model, policy.hidden, ref, ref_hidden) if full else None
                 if not samples:
                     continue
-                dest = rollout.positions(samples)
+                dest = layout.positions(samples)
                 flat["logp"][dest], flat["ref"][dest], flat["values"][dest] = policy.logprobs, ref_logp, policy.values
                 if full:
                     flat["kls"][dest] = kls
-        finally:
-            self.model.train(was)
-        if response_masks is not None:
-            rollout.mask = torch.cat([rm.to(device).float() for rm in response_masks])
-        rollout.logprobs, rollout.ref_logprobs, rollout.values = flat["logp"], flat["ref"], flat["values"]
-        rollout.kls = flat["kls"] if full else None
-        return rollout
+        mask = (torch.cat([rm.to(device).float() for rm in response_masks]) if response_masks is not None
+                else torch.ones(m, device=device))
+        return Forward(layout, mask, flat["logp"], flat["ref"], flat["values"], flat["kls"] if full else None, scores)
 
     # ---- one PPO step --------------------------------------------------------------------------
     def _process_scores(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -263,72 +260,70 @@ class PPOTrainer(Checkpointing):
         return scores, everyone
 
     @torch.no_grad()
-    def _advantages(self, r: Rollout) -> None:
-        """KL-shaped rewards (fused), then GAE over ``[B, longest response]`` (fused scan)."""
-        c = self.config
-        if r.kls is None:
-            rewards, non_score, kls = compute_rewards_packed(r.scores, r.logprobs, r.ref_logprobs, r.mask, r.cu,
+    def _advantages(self, r: Forward, watch: Stopwatch) -> Rollout:
+        """KL-shaped rewards (fused), then GAE over ``[B, longest response]`` (fused scan): the
+        whole rollout."""
+        c, cu = self.config, r.layout.cu
+        if r.full_kls is None:
+            rewards, non_score, kls = compute_rewards_packed(r.scores, r.logprobs, r.ref_logprobs, r.mask, cu,
                                                              self.kl_ctl.value, c.kl_penalty)
         else:  # the full KL came from the forward pass: shape it as a plain difference against 0
-            rewards, non_score, kls = compute_rewards_packed(r.scores, r.kls, torch.zeros_like(r.kls), r.mask, r.cu,
-                                                             self.kl_ctl.value, "kl")
-        r.rewards, r.non_score_rewards, r.kls = rewards, non_score, kls
-        self._timing_mark("time/ppo/compute_rewards")
-        values, where = r.padded(r.values)
-        rewards, _ = r.padded(rewards)
-        mask, _ = r.padded(r.mask)
+            rewards, non_score, kls = compute_rewards_packed(r.scores, r.full_kls, torch.zeros_like(r.full_kls), r.mask,
+                                                             cu, self.kl_ctl.value, "kl")
+        watch.mark("time/ppo/compute_rewards")
+        values, where = r.layout.padded(r.values)
+        padded_rewards, _ = r.layout.padded(rewards)
+        mask, _ = r.layout.padded(r.mask)
         if c.whiten_rewards:
-            rewards = masked_whiten(rewards * mask, mask, shift_mean=False) * mask
-        values, advantages, returns = compute_advantages(values, rewards, mask, c.gamma, c.lam)
-        r.values, r.advantages, r.returns = values[where], advantages[where], returns[where]
+            padded_rewards = masked_whiten(padded_rewards * mask, mask, shift_mean=False) * mask
+        values, advantages, returns = compute_advantages(values, padded_rewards, mask, c.gamma, c.lam)
+        return Rollout(r.layout, r.mask, r.logprobs, r.ref_logprobs, values[where], r.scores, kls, rewards, non_score,
+                       advantages[where], returns[where])
 
     def _minibatch_loss(self, batch, old: dict):
-        """The PPO loss of one packed mini-batch (run inside the engine's forward)."""
+        """The PPO loss of one packed mini-batch (run inside the engine's forward); ``old`` holds
+        the rollout's per-token tensors at the mini-batch's response tokens."""
         new = packed_logprobs_and_values(self.model, batch, return_entropy=True)
         c = self.config
-        row = lambda t: t.unsqueeze(0)  # noqa: E731  one packed row: masked means over all its tokens
-        pg, vf, stats = ppo_loss(row(old["logprobs"]), row(old["values"]), row(new.values), row(new.logprobs),
-                                 row(old["mask"]), row(old["advantages"]), row(old["returns"]), c.cliprange,
-                                 c.cliprange_value, c.vf_coef, ratio_threshold=c.ratio_threshold,
-                                 entropy=row(new.entropy.detach()))
+        row = {k: v.unsqueeze(0) for k, v in old.items()}  # one packed row: masked means over all its tokens
+        pg, vf, stats = ppo_loss(
+            old_logprobs=row["logprobs"], values=row["values"], vpreds=new.values.unsqueeze(0),
+            logprobs=new.logprobs.unsqueeze(0), mask=row["mask"], advantages=row["advantages"], returns=row["returns"],
+            cliprange=c.cliprange, cliprange_value=c.cliprange_value, vf_coef=c.vf_coef,
+            ratio_threshold=c.ratio_threshold, entropy=new.entropy.detach().unsqueeze(0))
         return pg + vf, stats
 
     def _optimize(self, r: Rollout) -> tuple[list[dict], int]:
         """``ppo_epochs`` passes of shuffled mini-batches; ``(stats per mini-batch, passes run)``."""
         c = self.config
-        units = r.units()
+        units = r.layout.units()
         scale = 1.0 / (c.gradient_accumulation_steps * self.world_size)  # engine.accumulate: x world_size
         all_stats, epochs = [], 0
-        self.model.eval()  # as in TRL 0.7.10, whose forwards all run with dropout off
-        for _ in range(c.ppo_epochs):
-            epochs += 1
-            order = torch.randperm(c.batch_size, generator=self.perm_generator).tolist()
-            for start in range(0, c.batch_size, c.mini_batch_size):
-                samples = order[start:start + c.mini_batch_size]
-                batch = pack([units[i] for i in samples]).to(self.engine.device)
-                src = r.positions(samples)
-                old = {"logprobs": r.logprobs[src], "values": r.values[src], "mask": r.mask[src],
-                       "advantages": r.advantages[src], "returns": r.returns[src]}
-                with self.engine.autocast():
-                    loss, stats = self.engine.forward(self._minibatch_loss, batch, old)
-                ends_step = (start // c.mini_batch_size + 1) % c.gradient_accumulation_steps == 0
-                self.engine.accumulate(loss * scale, last=ends_step)
-                if ends_step:
-                    self.engine.step()
-                all_stats.append(stats)
-            if c.early_stopping:
-                policykl = distributed.all_reduce_sum([float(all_stats[-1]["policy/policykl"])], self.engine.device)[0]
-                if policykl / self.world_size > 1.5 * c.target_kl:
-                    break  # the pass ended on an optimizer step: no gradient is left over
-        self.model.train()
+        with eval_mode(self.model):  # as in TRL 0.7.10, whose forwards all run with dropout off
+            for _ in range(c.ppo_epochs):
+                epochs += 1
+                order = torch.randperm(c.batch_size, generator=self.perm_generator).tolist()
+                for start in range(0, c.batch_size, c.mini_batch_size):
+                    samples = order[start:start + c.mini_batch_size]
+                    batch = pack([units[i] for i in samples]).to(self.engine.device)
+                    src = r.layout.positions(samples)
+                    old = {"logprobs": r.logprobs[src], "values": r.values[src], "mask": r.mask[src],
+                           "advantages": r.advantages[src], "returns": r.returns[src]}
+                    with self.engine.autocast():
+                        loss, stats = self.engine.forward(self._minibatch_loss, batch, old)
+                    ends_step = (start // c.mini_batch_size + 1) % c.gradient_accumulation_steps == 0
+                    self.engine.accumulate(loss * scale, last=ends_step)
+                    if ends_step:
+                        self.engine.step()
+                    all_stats.append(stats)
+                if c.early_stopping:
+                    policykl = distributed.all_reduce_sum([float(all_stats[-1]["policy/policykl"])], self.engine.device)[0]
+                    if policykl / self.world_size > 1.5 * c.target_kl:
+                        break  # the pass ended on an optimizer step: no gradient is left over
         return all_stats, epochs
 
-    def _timing_mark(self, key: str) -> None:
-        now = time.perf_counter()
-        self._timing[key] = now - self._t
-        self._t = now
-
-    def step(self, queries, responses, scores, response_masks=None) -> dict:
+    def step(self, queries: list[torch.Tensor], responses: list[torch.Tensor], scores: list[float] | torch.Tensor,
+             response_masks: list[torch.Tensor] | None = None) -> dict:
         """One PPO step on ``batch_size`` samples: ``queries`` and ``responses`` lists of 1-D token
         tensors (no padding), ``scores`` one float per sample, ``response_masks`` optional 0/1 per
         response token (0: not the policy's, e.g. a tool's output; no loss, no KL there). Returns
@@ -340,18 +335,17 @@ class PPOTrainer(Checkpointing):
             queries, responses, scores, response_masks, batch_size=self.config.batch_size, vocab=vocab,
             device=self.engine.device)
         scores, raw = self._process_scores(scores)
-        self._timing, self._t = {}, time.perf_counter()
-        r = self._rollout(queries, responses, response_masks)
-        r.scores = scores
-        self._timing_mark("time/ppo/forward_pass")
-        self._advantages(r)
-        self._timing_mark("time/ppo/compute_advantages")
+        watch = Stopwatch()
+        forward = self._rollout(queries, responses, response_masks, scores)
+        watch.mark("time/ppo/forward_pass")
+        r = self._advantages(forward, watch)
+        watch.mark("time/ppo/compute_advantages")
         mini_stats, epochs = self._optimize(r)
-        self._timing_mark("time/ppo/optimize_step")
+        watch.mark("time/ppo/optimize_step")
         stats = step_stats(r, raw, mini_stats, epochs, device=self.engine.device, world_size=self.world_size,
                            kl_coef=self.kl_ctl.value, learning_rate=self.optimizer.param_groups[0]["lr"])
-        self._timing_mark("time/ppo/calc_stats")
-        stats.update(self._timing)
+        watch.mark("time/ppo/calc_stats")
+        stats.update(watch.times)
         stats["time/ppo/total"] = time.perf_counter() - began
         self.kl_ctl.update(stats["objective/kl"], self.config.batch_size * self.world_size)
         if self.lr_scheduler is not None:
@@ -361,7 +355,8 @@ class PPOTrainer(Checkpointing):
         return stats
 
     # ---- the loop over a prompt dataset --------------------------------------------------------
-    def train(self, reward_fn=None, generation_kwargs: dict | None = None, length_sampler=None,
+    def train(self, reward_fn: Callable[[list[str], list[str]], list[float]] | None = None,
+              generation_kwargs: dict | None = None, length_sampler: Callable[[], int] | None = None,
               generation_batch_size: int = 64) -> dict:
         """PPO over ``dataset``: per step, ``batch_size`` prompts, sampled responses, their scores
         (``reward_fn(queries, responses)`` on the decoded texts, returning one float each, or the
@@ -381,42 +376,40 @@ class PPOTrainer(Checkpointing):
         total = c.max_steps if c.max_steps > 0 else c.total_ppo_epochs
         kwargs = {"max_new_tokens": 32, "do_sample": True, "top_k": 0, "top_p": 1.0, **(generation_kwargs or {})}
         resumed = bool(c.resume_from_checkpoint)
-        start = self._resume() if resumed else self.global_step
+        start = self.resume(c.resume_from_checkpoint) if resumed else self.global_step
         # A resumed run keeps metrics.jsonl's records up to its checkpoint; a fresh one starts it anew.
-        self.logger = MetricsLogger(c.output_dir, total, start if resumed else 0, c.report_to,
-                                    enabled=distributed.is_main(), show_bar=not c.disable_tqdm, bar_keys=BAR_KEYS,
-                                    bar_initial=start)
+        loop = Loop(c.output_dir, total, start, report_to=c.report_to, show_bar=not c.disable_tqdm,
+                    keep_records_to=start if resumed else 0, bar_keys=BAR_KEYS)
+        self.logger = loop.logger
         began, last = time.perf_counter(), {}
         batches = endless(self.dataloader, skip=start)
+
+        def step(_: int) -> list[tuple[int, dict]]:
+            nonlocal last
+            batch = next(batches)
+            queries = batch["input_ids"]
+            t0 = time.perf_counter()
+            responses = self.generate(queries, length_sampler, generation_batch_size, return_prompt=False, **kwargs)
+            t1 = time.perf_counter()
+            if reward_fn is not None:
+                scores = reward_fn(batch["query"], self.tokenizer.batch_decode(responses, skip_special_tokens=True))
+            else:
+                scores = self.score(queries, responses)
+            t2 = time.perf_counter()
+            stats = self.step(queries, responses, scores)
+            stats.update({"time/ppo/generation": t1 - t0, "time/ppo/scoring": t2 - t1,
+                          "peak_memory_gb": peak_memory_gb(self.engine.device)})
+            last = {k: v for k, v in stats.items() if k not in SCALAR_ARRAYS}
+            return [(self.global_step, last)]
+
         try:
-            for _ in range(start, total):
-                batch = next(batches)
-                queries = batch["input_ids"]
-                t0 = time.perf_counter()
-                responses = self.generate(queries, length_sampler, generation_batch_size, return_prompt=False, **kwargs)
-                t1 = time.perf_counter()
-                if reward_fn is not None:
-                    texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
-                    scores = reward_fn(batch["query"], texts)
-                else:
-                    scores = self.score(queries, responses)
-                t2 = time.perf_counter()
-                stats = self.step(queries, responses, scores)
-                stats.update({"time/ppo/generation": t1 - t0, "time/ppo/scoring": t2 - t1,
-                              "peak_memory_gb": peak_memory_gb(self.engine.device)})
-                done = self.global_step
-                last = {k: v for k, v in stats.items() if k not in SCALAR_ARRAYS}
-                if done % c.logging_steps == 0 or done == total:
-                    self.logger.log(done, last)
-                if c.save_steps and done % c.save_steps == 0:
-                    self.save_checkpoint()
-                self.logger.advance()
-            self.save_model(c.output_dir)
+            loop.run(step, Cadence(c.logging_steps, save_steps=c.save_steps), window=last_window,
+                     save=self.save_checkpoint, finish=lambda: self.save_model(c.output_dir))
         finally:
-            self.logger.close()
+            self.logger = None
         return {**last, "train_runtime": time.perf_counter() - began, "steps": max(total - start, 0)}
 
-    # ---- checkpoints ---------------------------------------------------------------------------
+    # ---- checkpoints -------------------------------------------------------------------------
     def extra_state(self) -> dict:
         running = {k: getattr(self.running, k) for k in ("mean", "std", "var", "count")}
         scheduler = None if self.lr_scheduler is None else self.lr_scheduler.state_dict()

@@ -1,0 +1,126 @@
+"""Building a trainer from a run config: the run keys each trainer declares (which model, which
+data, adapters, rewards: what is not an option of the algorithm's config), and the loaders the
+trainers share to turn them into a model, a tokenizer and data sets.
+
+A trainer class declares ``run_keys`` (a tuple of ``RunKey``) and ``launch(config, run) -> dict``,
+which builds the trainer from its config and the run keys' values, trains, and returns the
+result. The ``fastalign`` command reads only these declarations.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from fastalign.errors import ConfigError
+
+if TYPE_CHECKING:
+    import peft
+    import torch
+
+    from fastalign.engine import TrainingConfig
+
+
+@dataclass(frozen=True)
+class RunKey:
+    """One run key: its ``name``, the ``kind`` of value (``str``, ``bool``, ``int``, ``float``,
+    ``list`` or ``dict``), a one-line ``help``, its ``default`` and whether a run must give it."""
+
+    name: str
+    kind: type
+    help: str
+    default: object = None
+    required: bool = False
+
+
+MODEL_KEYS = (
+    RunKey("model_name_or_path", str, "a hub name, a local path, or a built-in (fastalign/tiny-llama, "
+           "fastalign/tiny-qwen2)", required=True),
+    RunKey("tokenizer_name_or_path", str, "the tokenizer; defaults to the model's"),
+    RunKey("dtype", str, "float32, bfloat16, float16 or auto (the checkpoint's)"),
+    RunKey("trust_remote_code", bool, "run code shipped with the model", default=False),
+)
+DATA_KEYS = (
+    RunKey("dataset_name", str, "a hub name, a data file (.json/.jsonl/.parquet/.csv, .gz ok) or a folder",
+           required=True),
+    RunKey("dataset_config", str, "the dataset's configuration name, if any"),
+    RunKey("dataset_train_split", str, "the split trained on", default="train"),
+)
+EVAL_KEYS = (RunKey("dataset_test_split", str, "a split evaluated at eval_steps and at the end"),)
+PEFT_KEYS = (
+    RunKey("use_peft", bool, "train LoRA adapters instead of the whole model", default=False),
+    RunKey("lora_r", int, "LoRA rank", default=16),
+    RunKey("lora_alpha", int, "LoRA alpha", default=32),
+    RunKey("lora_dropout", float, "LoRA dropout", default=0.05),
+    RunKey("lora_target_modules", list, "module names to adapt (default: the model type's usual ones)"),
+)
+REF_MODEL_KEY = RunKey("ref_model_name_or_path", str, "a separate reference model (default: a frozen copy, or the "
+                       "model with its adapters disabled under use_peft)")
+# What a trainer built from a model and a data set of rows takes (SFT, reward, DPO).
+PACKED_KEYS = MODEL_KEYS + DATA_KEYS + EVAL_KEYS + PEFT_KEYS
+
+
+def defaults(keys: tuple[RunKey, ...], run: dict) -> dict:
+    """``run`` with the defaults of ``keys`` it does not set; a required key missing is an error."""
+    missing = [k.name for k in keys if k.required and run.get(k.name) in (None, "")]
+    if missing:
+        raise ConfigError(f"the config needs {' and '.join(missing)}")
+    return {**{k.name: k.default for k in keys}, **run}
+
+
+def peft_config(run: dict, task_type: str = "CAUSAL_LM") -> peft.LoraConfig | None:
+    """The LoRA config the run keys describe, or None without ``use_peft``."""
+    if not run.get("use_peft"):
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=run["lora_r"], lora_alpha=run["lora_alpha"], lora_dropout=run["lora_dropout"],
+                      target_modules=run["lora_target_modules"], task_type=task_type)
+
+
+def model_options(run: dict) -> dict:
+    return {"dtype": run.get("dtype"), "trust_remote_code": bool(run.get("trust_remote_code"))}
+
+
+def load_policy(trainer_class: type, run: dict) -> tuple[torch.nn.Module, object]:
+    """``(model, tokenizer)`` named by the run, loaded as ``trainer_class`` loads its models."""
+    from fastalign.models import load_tokenizer
+
+    name = run["model_name_or_path"]
+    tokenizer = load_tokenizer(run.get("tokenizer_name_or_path") or name)
+    model, report = trainer_class.model_loader(name, **model_options(run))
+    print(f"fastalign: {name}: attention {report}", file=sys.stderr)
+    return model, tokenizer
+
+
+def load_reference(run: dict) -> dict:
+    """``{"ref_model": model}`` when the run names a separate reference model, else ``{}``."""
+    from fastalign.models import load_model
+
+    if not run.get("ref_model_name_or_path"):
+        return {}
+    return {"ref_model": load_model(run["ref_model_name_or_path"], **model_options(run))[0]}
+
+
+def load_splits(run: dict, streaming: bool = False) -> tuple[object, object | None]:
+    """``(train rows, eval rows or None)`` from the run's data set and splits."""
+    from fastalign.data import load_rows
+
+    source, name = run["dataset_name"], run.get("dataset_config")
+    train = load_rows(source, run.get("dataset_train_split") or "train", name, streaming=streaming)
+    test = run.get("dataset_test_split")
+    return train, (load_rows(source, test, name) if test else None)
+
+
+def launch_packed(trainer_class: type, config: TrainingConfig, run: dict) -> dict:
+    """Build a trainer of rows (SFT, reward, DPO) from its config and run keys, and train it."""
+    run = defaults(trainer_class.run_keys, run)
+    model, tokenizer = load_policy(trainer_class, run)
+    train, evals = load_splits(run, streaming=bool(getattr(config, "streaming", False)))
+    extra = load_reference(run) if REF_MODEL_KEY in trainer_class.run_keys else {}
+    trainer = trainer_class(model, args=config, train_dataset=train, eval_dataset=evals, tokenizer=tokenizer,
+                            peft_config=peft_config(run, trainer_class.peft_task_type), **extra)
+    for split, report in trainer.reports.items():
+        print(f"fastalign: {split} data: {report}", file=sys.stderr)
+    return trainer.train()

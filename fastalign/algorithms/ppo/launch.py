@@ -1,0 +1,49 @@
+"""A PPO run built from the command's run keys: the policy and its prompts, rewarded by a reward
+model or by a named reward function."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from fastalign.errors import ConfigError
+from fastalign.tasks.registry import text_reward
+
+from ..launch import (
+    DATA_KEYS,
+    MODEL_KEYS,
+    PEFT_KEYS,
+    REF_MODEL_KEY,
+    RunKey,
+    defaults,
+    load_policy,
+    load_reference,
+    load_splits,
+    peft_config,
+)
+
+if TYPE_CHECKING:
+    from .config import PPOConfig
+
+PPO_KEYS = MODEL_KEYS + DATA_KEYS + PEFT_KEYS + (
+    REF_MODEL_KEY,
+    RunKey("reward_model_name_or_path", str, "a reward model (a RewardTrainer's output dir, or a hub name) scoring "
+           "query+response; it must share the policy's tokenizer"),
+    RunKey("reward_function", str, "instead of a reward model: 'sort_digits' (the built-in task's sortedness) or "
+           "'package.module:function' taking (queries, responses) texts, returning one float each"),
+    RunKey("generation_kwargs", dict, "sampling options (max_new_tokens, top_k, top_p, temperature, ...)"),
+    RunKey("num_shared_layers", int, "bottom layers the frozen reference shares with the policy (frozen in both)"),
+)
+
+
+def launch_ppo(trainer_class: type, config: PPOConfig, run: dict) -> dict:
+    """PPO over the run's data set of prompts."""
+    run = defaults(PPO_KEYS, run)
+    if bool(run["reward_model_name_or_path"]) == bool(run["reward_function"]):
+        raise ConfigError("ppo needs exactly one of reward_model_name_or_path and reward_function")
+    reward_fn = text_reward(run["reward_function"]) if run["reward_function"] else None
+    model, tokenizer = load_policy(trainer_class, run)
+    prompts, _ = load_splits(run)
+    trainer = trainer_class(config, model, tokenizer=tokenizer, dataset=prompts, peft_config=peft_config(run),
+                            num_shared_layers=run["num_shared_layers"], reward_model=run["reward_model_name_or_path"],
+                            **load_reference(run))
+    return trainer.train(reward_fn, run["generation_kwargs"])

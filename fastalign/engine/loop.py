@@ -1,0 +1,93 @@
+"""The outer loop every trainer runs: the progress bar, the logging cadence, evaluation, saving
+checkpoints, the final save and closing the logs, in one place.
+
+A trainer supplies the step source, ``step(unit) -> [(step, metrics), ...]``: one unit of the
+run (an optimizer step over packed batches, a PPO step over a rollout, a DDPO epoch of diffusion
+samples) and the records it produced, each at its step number. The loop logs every
+``logging_steps``-th record, the records in between reduced by ``window`` (means by default),
+evaluates every ``eval_steps`` units and at the end, checkpoints every ``save_steps`` units, then
+runs ``finish`` (the final save). Resuming happens before the loop: the trainer restores its
+checkpoint (``Checkpointer.resume``) and starts the loop at the unit it reached.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from . import distributed
+from .metrics import BAR_KEYS, MetricsLogger
+
+Records = list[tuple[int, dict]]
+# Metrics that say where the run is, not what happened over a window: the window logs the last.
+POSITION = ("lr", "epoch", "peak_memory_gb")
+
+
+def mean_window(records: list[dict]) -> dict:
+    """Metrics over a logging window: means, except the position in the run (last value)."""
+    return {k: records[-1][k] if k in POSITION else sum(r[k] for r in records) / len(records) for k in records[0]}
+
+
+def last_window(records: list[dict]) -> dict:
+    """The window's last record."""
+    return records[-1]
+
+
+@dataclass
+class Cadence:
+    """How often, in units of the run: log (every ``logging_steps``-th record), evaluate, save
+    (``save_last``: also when the last unit is a multiple of ``save_steps``)."""
+
+    logging_steps: int = 1
+    eval_steps: int | None = None
+    save_steps: int | None = None
+    save_last: bool = True
+
+
+class Loop:
+    """One run of ``total`` units from ``start``; ``logger`` is its ``MetricsLogger`` (the main
+    process writes, the others hold a silent one)."""
+
+    def __init__(self, output_dir, total: int, start: int = 0, *, report_to=(), show_bar: bool = True,
+                 keep_records_to: int | None = None, bar_keys=BAR_KEYS, bar_desc: str = "train", bar_unit: str = "step"):
+        """``keep_records_to``: the step up to which ``metrics.jsonl``'s records are kept (a resumed
+        run's checkpoint step; default ``start``; 0 starts the file anew)."""
+        self.total, self.start = total, start
+        keep = start if keep_records_to is None else keep_records_to
+        self.logger = MetricsLogger(output_dir, total, keep, report_to, enabled=distributed.is_main(),
+                                    show_bar=show_bar, bar_keys=bar_keys, bar_initial=start, bar_desc=bar_desc,
+                                    bar_unit=bar_unit)
+
+    def run(self, step: Callable[[int], Records], every: Cadence, *, window: Callable[[list[dict]], dict] = mean_window,
+            evaluate: Callable[[], dict] | None = None, save: Callable[[], object] | None = None,
+            finish: Callable[[], None] | None = None, shown: Callable[[], dict] | None = None) -> dict:
+        """Run the units; returns the final evaluation (``{}`` without ``evaluate``), logged at
+        step ``total``. ``shown()``, if given, is what the bar shows after each unit (default: the
+        last record logged). The logger is closed however the run ends."""
+        pending, final = [], {}
+        try:
+            for unit in range(self.start, self.total):
+                records = step(unit)
+                done = unit + 1
+                for k, (at, metrics) in enumerate(records):
+                    pending.append(metrics)
+                    if at % every.logging_steps == 0 or (done == self.total and k == len(records) - 1):
+                        self.logger.log(at, pending[0] if len(pending) == 1 else window(pending))
+                        pending = []
+                if evaluate is not None and every.eval_steps and done % every.eval_steps == 0 and done < self.total:
+                    self.logger.log(records[-1][0], evaluate())
+                if save is not None and every.save_steps and done % every.save_steps == 0 and (every.save_last or done < self.total):
+                    self.logger.write(f"saved {save()}")
+                if shown is not None:
+                    self.logger.show(shown())
+                self.logger.advance()
+            if evaluate is not None:
+                final = evaluate()
+                if final:
+                    self.logger.log(self.total, final)
+            if finish is not None:
+                finish()
+        finally:
+            self.logger.close()
+        return final
+

@@ -14,6 +14,8 @@ import math
 import torch
 from transformers import get_scheduler
 
+from fastalign.errors import ConfigError
+
 from . import distributed
 from .config import TrainingConfig
 
@@ -42,6 +44,18 @@ def planned_zero_stage(config: TrainingConfig) -> int | None:
     return int(distributed.deepspeed_config(config)["zero_optimization"].get("stage", 0))
 
 
+def check_trainable_dtype(model: torch.nn.Module) -> None:
+    """float16 weights cannot be trained with AdamW: its epsilon (1e-8) rounds to 0 in float16, a
+    squared gradient below about 6e-8 does too, and the first step divides by zero. Refused with
+    what to do instead (bfloat16 has float32's range and trains)."""
+    fp16 = [name for name, p in model.named_parameters() if p.requires_grad and p.dtype == torch.float16]
+    if fp16:
+        raise ConfigError(
+            f"{len(fp16)} trainable parameters are float16 (e.g. {fp16[0]}): AdamW cannot train float16 weights (its "
+            "eps=1e-8 rounds to 0 and the first step turns them NaN); load the model with dtype float32 and set bf16 "
+            "true, or dtype bfloat16, or train LoRA adapters (use_peft), which train in float32")
+
+
 def enable_checkpointing(model) -> None:
     """Recompute activations in backward (transformers renamed the switch; take either name)."""
     kwargs = {"use_reentrant": False}
@@ -66,6 +80,14 @@ def adamw(model: torch.nn.Module, config: TrainingConfig) -> torch.optim.AdamW:
     )
 
 
+def weights_finite(params: list[torch.Tensor]) -> bool:
+    """Whether every value of ``params`` is finite, in one fused norm per dtype and device."""
+    if not params:
+        return True
+    norms = torch._foreach_norm([p.detach() for p in params], ord=float("inf"))
+    return bool(torch.isfinite(torch.stack([n.float().to(norms[0].device) for n in norms])).all())
+
+
 class Engine:
     """Owns the trained model's optimizer, schedule, precision and (optionally) DeepSpeed."""
 
@@ -81,7 +103,8 @@ class Engine:
         self.device = default_device()
         self.world_size = distributed.world_size()
         if config.bf16 and not bf16_supported(self.device):
-            raise ValueError(f"bf16=True but {self.device} does not support bfloat16")
+            raise ConfigError(f"bf16=True but {self.device} does not support bfloat16")
+        check_trainable_dtype(model)
         if config.gradient_checkpointing:
             enable_checkpointing(model)
         self.model = model.to(self.device)
@@ -144,6 +167,10 @@ class Engine:
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if not weights_finite(params):
+            raise FloatingPointError(
+                f"the optimizer step made weights non-finite (gradient norm {norm:.4g} was finite): stopping before "
+                "they are saved (lower the learning rate, raise adam_epsilon, or train in float32 / bf16 autocast)")
         return norm
 
     @property

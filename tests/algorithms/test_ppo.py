@@ -10,6 +10,7 @@ import torch
 
 from fastalign.algorithms import LengthSampler, PPOConfig, PPOTrainer
 from fastalign.data import Sequence, pack
+from fastalign.errors import ConfigError
 from fastalign.kernels.rl import RunningMoments
 from fastalign.models import CausalLMWithValueHead, as_reward_model
 from fastalign.models.tiny import char_tokenizer, tiny_model
@@ -535,3 +536,12 @@ def test_bad_samples_name_the_sample(tmp_path):
     with pytest.raises(ValueError, match="dataset row 1"):
         PPOTrainer(PPOConfig(batch_size=1, output_dir=str(tmp_path)), small(), tokenizer=char_tokenizer(),
                    dataset=[{"query": "12="}, {"text": "x"}])
+
+
+def test_a_prompt_too_long_for_its_budget_is_named_before_any_generation(tmp_path, monkeypatch):
+    prompts = rows() + [{"query": "7" * 40 + "="}]  # 41 tokens + 16 new ones > 48
+    t = PPOTrainer(PPOConfig(batch_size=8, max_steps=1, max_tokens_per_batch=48, output_dir=str(tmp_path),
+                             disable_tqdm=True), small(), tokenizer=char_tokenizer(), dataset=prompts)
+    monkeypatch.setattr(t, "generate", lambda *a, **k: pytest.fail("generated before checking the prompts"))
+    with pytest.raises(ConfigError, match=rf"prompt row {len(prompts) - 1} has \d+ tokens.*max_new_tokens=16"):
+        t.train(digit_reward, {"max_new_tokens": 16})

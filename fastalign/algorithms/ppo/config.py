@@ -86,6 +86,7 @@ class LengthSampler:
         if not 0 < min_value < max_value:
             raise ValueError(f"LengthSampler needs 0 < min_value < max_value, got {min_value}, {max_value}")
         self.values = list(range(min_value, max_value))
+        self.longest = max_value - 1
 
     def __call__(self) -> int:
         return random.choice(self.values)

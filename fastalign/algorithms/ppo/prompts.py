@@ -9,6 +9,7 @@ import datasets
 import torch
 
 from fastalign.engine import distributed
+from fastalign.errors import ConfigError
 
 
 def dict_of_lists(rows: list[dict]) -> dict[str, list]:
@@ -42,3 +43,20 @@ def endless(dataloader: torch.utils.data.DataLoader, skip: int = 0) -> Iterator[
                 continue
             yield batch
         epoch += 1
+
+
+def check_prompt_lengths(dataset, max_new_tokens: int, max_tokens_per_batch: int,
+                         max_positions: int | None = None) -> None:
+    """Every prompt leaves room for ``max_new_tokens`` within one packed row (``max_tokens_per_batch``)
+    and the model's positions: the longest is named before any generation (a ``ConfigError``)."""
+    column = dataset["input_ids"] if isinstance(dataset, datasets.Dataset) else [row["input_ids"] for row in dataset]
+    lengths = [len(ids) for ids in column]
+    if not lengths:
+        return
+    limit, what = max_tokens_per_batch, f"max_tokens_per_batch={max_tokens_per_batch}"
+    if max_positions is not None and max_positions < limit:
+        limit, what = max_positions, f"the model's {max_positions} positions"
+    longest = max(range(len(lengths)), key=lengths.__getitem__)
+    if lengths[longest] + max_new_tokens > limit:
+        raise ConfigError(f"prompt row {longest} has {lengths[longest]} tokens: with max_new_tokens={max_new_tokens} "
+                          f"it does not fit {what}; shorten or drop the long prompts, or lower max_new_tokens")

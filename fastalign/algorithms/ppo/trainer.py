@@ -42,7 +42,7 @@ from .config import PPOConfig
 from .generation import generate_responses, whole_model
 from .inputs import check_step_inputs
 from .launch import PPO_KEYS, launch_ppo
-from .prompts import dict_of_lists, endless, prompt_loader
+from .prompts import check_prompt_lengths, dict_of_lists, endless, prompt_loader
 from .reference import create_reference_model
 from .rollout import Forward, Rollout, RolloutLayout, Stopwatch, full_kl
 from .stats import BAR_KEYS, SCALAR_ARRAYS, step_stats
@@ -375,6 +375,9 @@ class PPOTrainer(Checkpointed):
             raise ValueError("train() needs a reward_fn or the PPOTrainer's reward_model")
         total = c.max_steps if c.max_steps > 0 else c.total_ppo_epochs
         kwargs = {"max_new_tokens": 32, "do_sample": True, "top_k": 0, "top_p": 1.0, **(generation_kwargs or {})}
+        new_tokens = getattr(length_sampler, "longest", None) or kwargs["max_new_tokens"]
+        check_prompt_lengths(self.dataset, new_tokens, c.max_tokens_per_batch,
+                             getattr(self.model.pretrained_model.config, "max_position_embeddings", None))
         resumed = bool(c.resume_from_checkpoint)
         start = self.resume(c.resume_from_checkpoint) if resumed else self.global_step
         # A resumed run keeps metrics.jsonl's records up to its checkpoint; a fresh one starts it anew.

@@ -15,6 +15,7 @@ pytest.importorskip("diffusers", reason="DDPO needs diffusers (pip install fasta
 
 from fastalign.algorithms.ddpo import DDPOConfig, DDPOTrainer, image_grid  # noqa: E402
 from fastalign.engine.metrics import read_metrics  # noqa: E402
+from fastalign.errors import CheckpointError  # noqa: E402
 from fastalign.kernels.ddpo import ddim_step_with_logprob, ddpo_loss  # noqa: E402
 from fastalign.kernels.rl import PerPromptStatTracker  # noqa: E402
 from fastalign.models.tiny import tiny_diffusion_pipeline  # noqa: E402
@@ -339,8 +340,42 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
         trainer.train()
 
 
+def test_a_new_run_into_a_used_output_dir_is_refused(tmp_path):
+    _trainer(tmp_path, num_epochs=1).train()
+    run = tmp_path / "run"
+    before = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+    with pytest.raises(CheckpointError, match="resume_from"):
+        _trainer(tmp_path, num_epochs=1).train()
+    assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before
+    assert _trainer(tmp_path, num_epochs=1, overwrite_output_dir=True).train()["epochs"] == 1
+
+
+def test_resume_refuses_a_checkpoint_past_the_last_epoch(tmp_path):
+    _trainer(tmp_path, num_epochs=3, save_freq=1).train()
+    latest = tmp_path / "run" / f"checkpoint-{2 * _config(tmp_path).optimizer_steps_per_epoch}"
+    with pytest.raises(CheckpointError, match=latest.name):
+        _trainer(tmp_path, num_epochs=1, resume_from=True).train()
+
+
 def test_image_grid(tmp_path):
     images = torch.rand(6, 3, 8, 8)
     grid = image_grid(images, rows=2, scale=2)
     assert grid.size == (3 * 10 * 2, 2 * 10 * 2)
     assert json.dumps(list(grid.getpixel((0, 0)))) == "[255, 255, 255]"
+
+
+def test_an_epochs_first_step_logs_zero_kl_clipfrac_and_loss_truly(tmp_path):
+    """With one optimizer step per epoch the step trains the policy that sampled (every ratio is 1)
+    on advantages normalised over exactly its samples: approx_kl, clipfrac and the loss are 0 while
+    the gradient is not. A second optimizer step in the epoch moves them off 0."""
+    one = _trainer(tmp_path, sample_batch_size=4, sample_num_batches_per_epoch=1, train_batch_size=4)
+    assert one.config.optimizer_steps_per_epoch == 1
+    one.step(0, 0)
+    stats = one.last_stats
+    assert stats["approx_kl"] == 0.0 and stats["clipfrac"] == 0.0 and abs(stats["loss"]) < 1e-6
+    assert stats["grad_norm"] > 0
+    two = _trainer(tmp_path, sample_batch_size=4, sample_num_batches_per_epoch=2, train_batch_size=4,
+                   train_learning_rate=1e-2)
+    assert two.config.optimizer_steps_per_epoch == 2
+    two.step(0, 0)
+    assert two.last_stats["approx_kl"] > 0  # the mean over the epoch's two steps: the second moved

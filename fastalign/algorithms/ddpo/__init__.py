@@ -20,7 +20,13 @@ Each epoch has two phases.
    once every ``train_gradient_accumulation_steps`` batches, all their timesteps accumulated (the
    loss is their mean). Each optimizer step logs ``loss``, ``approx_kl`` (half the mean squared
    log-ratio), ``clipfrac``, ``grad_norm`` and ``lr``, the first of an epoch also its samples'
-   ``reward_mean`` and ``reward_std``.
+   ``reward_mean`` and ``reward_std``. The first optimizer step of an epoch trains the very
+   policy that sampled: every ratio is exactly 1, so its ``approx_kl`` and ``clipfrac`` are 0,
+   and with advantages normalised over the samples it trains on (one step per epoch) its
+   ``loss`` is 0 too while its gradient is not (``grad_norm``). These are the true values, not
+   a logging fault; they move from the second optimizer step of an epoch on (more
+   ``sample_num_batches_per_epoch`` than ``train_gradient_accumulation_steps``, or
+   ``train_num_inner_epochs`` > 1).
 
 The text encoder and VAE are frozen; the UNet is trained, or LoRA adapters on its attention
 projections (``use_lora``, rank 4). With ``mixed_precision`` ``"fp16"``/``"bf16"`` the frozen

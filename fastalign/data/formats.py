@@ -84,7 +84,8 @@ class SFTEncoder:
             ids, labels = row_token_ids(row, i, "input_ids", "labels", "labels")
             return "ids", (ids, 0, None if labels is None else [label != IGNORE_INDEX for label in labels])
         if "messages" in row:
-            ids, mask = _conversation(self.tokenizer, row_messages(row, i, "messages"), i, self.completion_only_loss)
+            messages = row_messages(row, i, "messages", learn_from_assistant=self.completion_only_loss)
+            ids, mask = _conversation(self.tokenizer, messages, i, self.completion_only_loss)
             ids, mask = _masked_with_eos(self.tokenizer, ids, mask)
             return "ids", (ids, 0, mask)
         if "prompt" in row or "completion" in row:

@@ -29,6 +29,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from fastalign.errors import ConfigError, DataError
+
 from .formats import TokenizeReport
 from .packing import Sequence
 from .rows import Texts, check_truncation, encode, row_error, row_messages, row_text, row_token_ids, row_value, with_eos
@@ -78,11 +80,14 @@ def _parse(tokenizer, row, i, texts: Texts):
         return "ids", (full_c[:n], full_c[n:], full_r[:n], full_r[n:])
     for column in ("chosen", "rejected"):
         row_value(row, i, column)  # a missing one named first, whatever else is wrong
+    if "prompt" in row and row["prompt"] is None:
+        raise row_error(i, "prompt", "null (expected the prompt; a data set whose pairs carry the prompt in chosen and "
+                                     "rejected has no prompt column)")
     if isinstance(row["chosen"], list):  # conversational
         chosen, rejected = row_messages(row, i, "chosen"), row_messages(row, i, "rejected")
         render = lambda msgs, gen=False: encode(  # noqa: E731
             tokenizer, tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen), special=False)
-        if row.get("prompt") is not None:
+        if "prompt" in row:
             prompt = row_messages(row, i, "prompt")
             prompt_ids = render(prompt, gen=True)
             full_c, full_r = render(prompt + chosen), render(prompt + rejected)
@@ -90,7 +95,7 @@ def _parse(tokenizer, row, i, texts: Texts):
             full_c, full_r = render(chosen), render(rejected)
             prompt_ids = full_c[:_common_prefix(full_c, full_r)]
         return "split", (prompt_ids, full_c, full_r)
-    if row.get("prompt") is not None:  # explicit prompt
+    if "prompt" in row:  # explicit prompt
         prompt = row_text(row, i, "prompt")
         return "texts", (texts.add(prompt, True), texts.add(prompt + row_text(row, i, "chosen"), True),
                          texts.add(prompt + row_text(row, i, "rejected"), True))
@@ -113,12 +118,17 @@ def _split(tokenizer, kind, what, texts: Texts) -> tuple[list[int], list[int], l
 
 
 def _margin(row, i):
-    if row.get("margin") is None:
+    """The row's margin (None where it has none); text that reads as a number counts (a CSV file)."""
+    value = row.get("margin")
+    if value is None:
         return None
-    value = row["margin"]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    try:
+        number = float(value) if isinstance(value, str) else value
+    except ValueError:
+        number = None
+    if isinstance(value, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
         raise row_error(i, "margin", f"expected a finite number, got {value!r}")
-    return float(value)
+    return float(number)
 
 
 def truncate_pair(prompt_c, chosen, prompt_r, rejected, max_length, max_prompt_length, truncation_mode):
@@ -149,8 +159,8 @@ class PairEncoder:
         check_truncation(self.max_length, self.truncation_mode)
         if self.max_length is not None:
             if self.max_prompt_length is None or not 0 < self.max_prompt_length < self.max_length:
-                raise ValueError(f"max_prompt_length must be in [1, max_length={self.max_length}), got "
-                                 f"{self.max_prompt_length}: the completions need room")
+                raise ConfigError(f"max_prompt_length must be in [1, max_length={self.max_length}), got "
+                                  f"{self.max_prompt_length}: the completions need room")
 
     def _pair(self, prompt_c, chosen, prompt_r, rejected):
         """The pair after truncation, whether it was cut, and what is wrong with it (or None)."""
@@ -182,7 +192,7 @@ class PairEncoder:
                 *_split(self.tokenizer, kind, what, texts))
             if problem is not None:
                 if not self.drop_bad_pairs:
-                    raise ValueError(f"row {i}: {problem} (drop_bad_pairs=True drops such rows and counts them)")
+                    raise DataError(f"row {i}: {problem} (drop_bad_pairs=True drops such rows and counts them)")
                 prompt_c = chosen = prompt_r = rejected = []
             for half, prompt, completion in (("chosen_", prompt_c, chosen), ("rejected_", prompt_r, rejected)):
                 out[f"{half}ids"].append(prompt + completion)

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 import datasets
 import torch
 
-from .rows import Texts
+from fastalign.errors import DataError
+
+from .rows import Texts, in_file, source_file
 
 ASSISTANT = "\n\nAssistant:"
 
@@ -24,7 +26,7 @@ def dialogue_prompt(dialogue: str, i: int) -> str:
     """An HH-RLHF-style dialogue up to and including its last ``Assistant:`` marker."""
     cut = dialogue.rfind(ASSISTANT)
     if cut < 0:
-        raise ValueError(f"dataset row {i}, column 'chosen': no {ASSISTANT!r} turn to take the prompt from")
+        raise DataError(f"dataset row {i}, column 'chosen': no {ASSISTANT!r} turn to take the prompt from")
     return dialogue[:cut + len(ASSISTANT)]
 
 
@@ -36,15 +38,15 @@ class PromptEncoder:
 
     def _query(self, row, i) -> str | None:
         if not isinstance(row, dict):
-            raise ValueError(f"dataset row {i}: expected a mapping with 'query', 'prompt' or 'input_ids', "
+            raise DataError(f"dataset row {i}: expected a mapping with 'query', 'prompt' or 'input_ids', "
                              f"got {type(row).__name__}")
         text = row.get("query", row.get("prompt"))
         if text is None and row.get("input_ids") is None and isinstance(row.get("chosen"), str):
             text = dialogue_prompt(row["chosen"], i)  # a preference row: its prompt
         if text is not None and not isinstance(text, str):
-            raise ValueError(f"dataset row {i}, column 'query'/'prompt': expected text, got {type(text).__name__}")
+            raise DataError(f"dataset row {i}, column 'query'/'prompt': expected text, got {type(text).__name__}")
         if row.get("input_ids") is None and not text:
-            raise ValueError(f"dataset row {i}: no 'query' or 'prompt' text and no 'input_ids'")
+            raise DataError(f"dataset row {i}: no 'query' or 'prompt' text and no 'input_ids'")
         return text
 
     def __call__(self, rows: list[dict], indices: list[int]) -> dict[str, list]:
@@ -56,7 +58,7 @@ class PromptEncoder:
         for row, i, query, slot in zip(rows, indices, queries, slots):
             ids = texts[slot] if slot is not None else torch.as_tensor(row["input_ids"]).flatten().tolist()
             if len(ids) == 0:
-                raise ValueError(f"dataset row {i}, column 'input_ids': the query has no tokens")
+                raise DataError(f"dataset row {i}, column 'input_ids': the query has no tokens")
             out["query"].append(query if query is not None else self.tokenizer.decode(ids, skip_special_tokens=True))
             out["input_ids"].append(ids)
         return out
@@ -71,7 +73,7 @@ def tokenize_prompts(rows, tokenizer, num_proc: int | None = None, main_first=co
     encode = PromptEncoder(tokenizer)
     if isinstance(rows, datasets.Dataset):
         num_proc = default_num_proc(len(rows)) if num_proc is None else num_proc
-        with main_first():
+        with main_first(), in_file(source_file(rows)):
             rows = rows.map(RowBatches(encode), batched=True, with_indices=True, desc="tokenizing the prompts",
                             num_proc=num_proc if num_proc > 1 and len(rows) >= 2 * num_proc else None)
         return rows.with_format("torch", columns=["input_ids"], output_all_columns=True)

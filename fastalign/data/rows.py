@@ -1,19 +1,41 @@
 """Row checks and token helpers, the one place a data set row's columns are read and checked.
 
-Every check raises ``ValueError`` naming the row and the column (``row 12, column 'prompt':
-empty``). ``Texts`` gathers the texts of a batch of rows so the fast tokenizer encodes them in one
-call; ``with_eos`` ends a sequence with the end-of-sequence token; ``kept_part`` is the truncation
-rule (``keep_start`` keeps the first ``max_length`` tokens, ``keep_end`` the last).
+Every check raises ``DataError`` naming the row and the column (``row 12, column 'prompt':
+empty``); ``in_file`` puts the file the rows were read from in front (``pairs.jsonl: row 12, ...``).
+``Texts`` gathers the texts of a batch of rows so the fast tokenizer encodes them in one call;
+``with_eos`` ends a sequence with the end-of-sequence token; ``kept_part`` is the truncation rule
+(``keep_start`` keeps the first ``max_length`` tokens, ``keep_end`` the last).
 """
 
 from __future__ import annotations
 
+import contextlib
+
+from fastalign.errors import ConfigError, DataError
+
 TRUNCATION_MODES = ("keep_start", "keep_end")
+ROLES = ("system", "user", "assistant")  # the roles of a chat message
 
 
-def row_error(row: int, column: str, what: str) -> ValueError:
+def row_error(row: int, column: str, what: str) -> DataError:
     """The error for a bad value: ``row R, column C: what``."""
-    return ValueError(f"row {row}, column {column!r}: {what}")
+    return DataError(f"row {row}, column {column!r}: {what}")
+
+
+def source_file(rows) -> str | None:
+    """The data file ``rows`` (a data set ``load_rows`` returned) were read from, else None."""
+    return getattr(rows, "fastalign_file", None)
+
+
+@contextlib.contextmanager
+def in_file(file: str | None):
+    """A ``DataError`` raised in the block names ``file`` first (when there is one)."""
+    try:
+        yield
+    except DataError as error:
+        if file is not None and not str(error).startswith(f"{file}: "):
+            error.args = (f"{file}: {error}",)
+        raise
 
 
 def row_value(row: dict, i: int, column: str):
@@ -26,6 +48,8 @@ def row_value(row: dict, i: int, column: str):
 def row_text(row: dict, i: int, column: str) -> str:
     """Row ``i``'s non-empty string in ``column``."""
     value = row_value(row, i, column)
+    if value is None:
+        raise row_error(i, column, "expected a string, got null")
     if not isinstance(value, str):
         raise row_error(i, column, f"expected a string, got {type(value).__name__}")
     if not value:
@@ -38,14 +62,27 @@ def encode(tokenizer, text: str, special: bool) -> list[int]:
     return tokenizer(text, add_special_tokens=special)["input_ids"]
 
 
-def row_messages(row: dict, i: int, column: str) -> list[dict]:
-    """Row ``i``'s non-empty list of ``{role, content}`` messages in ``column``."""
+def row_messages(row: dict, i: int, column: str, learn_from_assistant: bool = False) -> list[dict]:
+    """Row ``i``'s non-empty list of ``{role, content}`` messages in ``column``: each role one of
+    ``ROLES``, each content text (an assistant's not empty). ``learn_from_assistant``: the loss is
+    on the assistant's turns, so there must be one."""
     messages = row_value(row, i, column)
     if not isinstance(messages, list) or not messages:
         raise row_error(i, column, "expected a non-empty list of {role, content} messages")
     for k, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise row_error(i, column, f"message {k} is not a {{role, content}} mapping")
+        role, content = message["role"], message["content"]
+        if role not in ROLES:
+            raise row_error(i, column, f"message {k} has the role {role!r} (expected {', '.join(ROLES[:-1])} or "
+                                       f"{ROLES[-1]})")
+        if not isinstance(content, str):
+            got = "null" if content is None else type(content).__name__
+            raise row_error(i, column, f"message {k} ({role}): content is {got} (expected text)")
+        if role == "assistant" and not content:
+            raise row_error(i, column, f"message {k} ({role}): empty (the model would learn to answer nothing)")
+    if learn_from_assistant and not any(m["role"] == "assistant" for m in messages):
+        raise row_error(i, column, "no assistant message to learn from (the loss is on the assistant's turns)")
     return messages
 
 
@@ -64,7 +101,6 @@ def with_eos(tokenizer, ids: list[int]) -> list[int]:
     """``ids`` ending with the EOS token: appended unless already last (or the tokenizer has none)."""
     eos = tokenizer.eos_token_id
     return ids + [eos] if eos is not None and (not ids or ids[-1] != eos) else ids
-
 
 
 class Texts:
@@ -89,9 +125,9 @@ class Texts:
 
 def check_truncation(max_length, truncation_mode) -> None:
     if truncation_mode not in TRUNCATION_MODES:
-        raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {truncation_mode!r}")
+        raise ConfigError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {truncation_mode!r}")
     if max_length is not None and max_length < 2:
-        raise ValueError(f"max_length must be at least 2 tokens, got {max_length}")
+        raise ConfigError(f"max_length must be at least 2 tokens, got {max_length}")
 
 
 def kept_part(length: int, max_length: int, truncation_mode: str) -> slice:

@@ -34,8 +34,12 @@ import datasets
 import numpy as np
 import pyarrow as pa
 
+from fastalign.errors import DataError
+
 from .formats import TokenizeReport
+from .loading import file_error
 from .packing import Sequence, pack
+from .rows import in_file, source_file
 
 SFT_HALVES = ("",)
 PAIR_HALVES = ("chosen_", "rejected_")
@@ -74,7 +78,7 @@ def tokenize_rows(rows, encode, halves: tuple[str, ...], *, num_proc: int | None
     if not isinstance(rows, datasets.Dataset):  # a list of rows: one call, in memory
         return encode_table([dict(r) if isinstance(r, dict) else r for r in rows], encode, halves)
     num_proc = default_num_proc(len(rows)) if num_proc is None else num_proc
-    with main_first(), _progress_bars(progress):
+    with main_first(), _progress_bars(progress), in_file(source_file(rows)):
         table = rows.map(
             RowBatches(encode), batched=True, with_indices=True, remove_columns=rows.column_names,
             features=features(halves), num_proc=num_proc if num_proc > 1 and len(rows) >= 2 * num_proc else None,
@@ -283,17 +287,20 @@ class StreamBatches:
 
     def _read_window(self) -> None:
         """The window of rows from ``self.start`` on (the next one that keeps at least one unit)."""
+        file = source_file(self.rows)
         while True:
             if self._reader is None:
                 self._reader = iter(self.rows.skip(self.start).iter(batch_size=self.window_rows))
-            batch = next(self._reader, None)
+            batch = _next_batch(self._reader, file)
             if batch is None:  # the stream is over: the next epoch reads it again
                 if self.start == 0:
-                    raise ValueError("the streamed training set is empty")
+                    raise DataError(f"{file or 'the streamed training set'}: no rows")
                 self.epoch, self.start, self._reader = self.epoch + 1, 0, None
                 continue
             rows = _rows_of(batch)
-            store = store_of(encode_table(rows, self.encode, self.halves, self.start), self.halves)
+            with in_file(file):
+                table = encode_table(rows, self.encode, self.halves, self.start)
+            store = store_of(table, self.halves)
             self.window_len = len(rows)
             if len(store.kept):
                 self.window, self.used = Batches(store, self.plan_of(store)), 0
@@ -327,3 +334,14 @@ class StreamBatches:
     def weight(self, k: int) -> float:
         window, i = self.live[k]
         return window.weight(i)
+
+
+def _next_batch(reader, file: str | None):
+    """The next batch of a streamed data set, None at its end; a data file that cannot be read
+    is a ``DataError`` naming the place in the file."""
+    try:
+        return next(reader, None)
+    except Exception as error:
+        if file is None:
+            raise
+        raise file_error(error, [file], file) from error

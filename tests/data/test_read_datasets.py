@@ -7,6 +7,7 @@ import datasets
 import pytest
 
 from fastalign.data import load_rows
+from fastalign.errors import ConfigError
 
 ROWS = [{"prompt": "3 1=", "completion": "1 3"}, {"prompt": "2 2 0=", "completion": "0 2 2"}]
 
@@ -39,8 +40,10 @@ def test_saved_dataset_folder_and_memory(tmp_path):
     data.save_to_disk(str(tmp_path / "saved"))
     assert len(load_rows(str(tmp_path / "saved"), split="test")) == 1
     assert load_rows(data["train"]) is data["train"] and load_rows(ROWS) is ROWS
-    with pytest.raises(KeyError, match="split 'validation' not in the dataset"):
+    with pytest.raises(ConfigError, match=r"no split 'validation' \(it has 'test', 'train'\)"):
         load_rows(data, split="validation")
+    with pytest.raises(ConfigError, match=rf"^{tmp_path / 'saved'}: no split 'validation'"):
+        load_rows(str(tmp_path / "saved"), split="validation")
 
 
 def test_missing_and_unknown_files_are_clear_errors(tmp_path):

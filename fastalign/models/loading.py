@@ -2,7 +2,10 @@
 
 Models are named as on the Hugging Face hub (or a local path), or given as objects. Two built-in
 names need no download: ``fastalign/tiny-llama`` and ``fastalign/tiny-qwen2`` (random weights, the
-character tokenizer), the embedded default.
+character tokenizer), the embedded default. A name that cannot be loaded fails at once, in one
+line: another ``fastalign/`` name is a ``ConfigError`` suggesting the closest built-in, a local
+path that does not exist a ``FileNotFoundError``, and a Hub name while the Hub cannot be reached a
+``ConfigError`` unless the local cache holds it (``fastalign.data.hub``).
 
 Attention, best first: ``flash_attention_2`` when flash-attn is installed and the model is on
 CUDA; else ``fastalign_varlen`` (``models/varlen.py``: torch's ``varlen_attn`` on CUDA, one sdpa
@@ -14,10 +17,14 @@ cost of the row length squared.
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 from pathlib import Path
 
 import torch
+
+from fastalign.data.hub import from_hub, looks_local, not_found
+from fastalign.errors import ConfigError
 
 from .tiny import char_tokenizer, tiny_model
 
@@ -38,12 +45,27 @@ def attention_backend(device) -> tuple[str, str]:
     return "sdpa", f"{device.type}: sdpa with restarting position_ids and no attention mask"
 
 
+def _located(name: str, load):
+    """``load(name)`` for a model or tokenizer name that is not a built-in: a local path, or else a
+    Hub name (see the module docstring)."""
+    if name.startswith("fastalign/"):
+        close = difflib.get_close_matches(name, BUILTIN, n=1, cutoff=0.5)
+        guess = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"{name!r} is not a built-in model; {guess}(built-in: {', '.join(BUILTIN)})")
+    path = Path(name).expanduser()
+    if path.exists():
+        return load(str(path))
+    if looks_local(name):
+        raise not_found(name, "model folder")
+    return from_hub(lambda: load(name), "model", name, f"; built-in models: {', '.join(BUILTIN)}")
+
+
 def load_tokenizer(name: str):
     if name in BUILTIN:
         return char_tokenizer()
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(name)
+    tokenizer = _located(name, AutoTokenizer.from_pretrained)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -75,9 +97,10 @@ def load_model(model, *, dtype=None, trust_remote_code: bool = False, device=Non
 
     kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=impl)
     if num_labels is None:
-        loaded = AutoModelForCausalLM.from_pretrained(model, **kwargs)
+        loaded = _located(model, lambda name: AutoModelForCausalLM.from_pretrained(name, **kwargs))
     else:
-        loaded = AutoModelForSequenceClassification.from_pretrained(model, num_labels=num_labels, **kwargs)
+        loaded = _located(model, lambda name: AutoModelForSequenceClassification.from_pretrained(
+            name, num_labels=num_labels, **kwargs))
     return loaded, f"{impl} ({why})"
 
 

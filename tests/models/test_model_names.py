@@ -1,0 +1,52 @@
+"""Model and tokenizer names that cannot be loaded fail at once, in one line: a misspelled built-in
+(with the closest names), a local path that does not exist, a Hub name while the Hub is unreachable."""
+
+import os
+import re
+import time
+
+import huggingface_hub.constants
+import pytest
+
+from fastalign.errors import ConfigError
+from fastalign.models import load_model, load_reward_model, load_tokenizer
+
+LOADERS = [load_model, load_tokenizer, load_reward_model]
+
+
+@pytest.fixture
+def hub_unreachable(monkeypatch):
+    """The Hub's address points at a closed local port: every request to it fails at once."""
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+
+
+@pytest.mark.parametrize("load", LOADERS)
+def test_a_misspelled_built_in_suggests_the_closest_names(hub_unreachable, load):
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match=r"^'fastalign/tiny-lama' is not a built-in model; did you mean "
+                                          r"'fastalign/tiny-llama'\? \(built-in: fastalign/tiny-llama, fastalign/tiny"):
+        load("fastalign/tiny-lama")
+    assert time.monotonic() - start < 2
+
+
+@pytest.mark.parametrize("load", LOADERS)
+@pytest.mark.parametrize("name", ["./my-model", "~/no-such-fastalign-model", "models/mine", "/no/such/model"])
+def test_a_local_path_that_does_not_exist_is_not_looked_up_on_the_hub(tmp_path, monkeypatch, hub_unreachable, load,
+                                                                      name):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    start = time.monotonic()
+    with pytest.raises(FileNotFoundError, match=rf"^{re.escape(name)}: no such model folder .*{re.escape(os.getcwd())}"):
+        load(name)
+    assert time.monotonic() - start < 2
+
+
+@pytest.mark.parametrize("load", LOADERS)
+def test_a_hub_name_while_the_hub_is_unreachable_fails_at_once_in_one_line(hub_unreachable, load):
+    start = time.monotonic()
+    with pytest.raises(ConfigError) as error:
+        load("fastalign-tests/no-such-model")
+    assert time.monotonic() - start < 5
+    message = str(error.value)
+    assert message.startswith("model 'fastalign-tests/no-such-model': the Hugging Face Hub could not be reached")
+    assert "fastalign/tiny-llama, fastalign/tiny-qwen2" in message and "\n" not in message

@@ -142,12 +142,12 @@ class IterativeSFTTrainer(LossPasses, Checkpointed):
         self.engine = Engine(model, args, args.max_steps if args.max_steps > 0 else None, *optimizers)
         self.optimizer, self.lr_scheduler = self.engine.optimizer, self.engine.lr_scheduler
         self.checkpointer = Checkpointer(self.engine, args.output_dir, hf_weights(model, tokenizer), self.extra_state,
-                                         self.load_extra_state, args.save_total_limit)
+                                         self.load_extra_state, args.save_total_limit,
+                                         overwrite=args.overwrite_output_dir)
         self.world_size = distributed.world_size()
         self.generator = torch.Generator().manual_seed(args.seed)
         self.global_step = 0  # optimizer steps done
-        if args.resume_from_checkpoint:
-            self.resume(args.resume_from_checkpoint)
+        self.start_run(args.resume_from_checkpoint)  # before the logger starts metrics.jsonl
         self.logger = MetricsLogger(args.output_dir, max(args.max_steps, 0), self.global_step, args.report_to,
                                     enabled=distributed.is_main(), show_bar=False)
 

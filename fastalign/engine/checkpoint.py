@@ -1,11 +1,18 @@
 """Checkpoints: the model in Hugging Face format plus everything an exact resume needs.
 
 A checkpoint is ``OUTPUT_DIR/checkpoint-STEP/`` holding the model (``save_pretrained``, safetensors;
-only the adapters for a PEFT model), the tokenizer when there is one, ``trainer_state.pt``
-(optimizer, schedule, step), one ``rng_rankR.pt`` per process, and under DeepSpeed its own
-sharded optimizer states in ``deepspeed/``. It is written into a temporary folder first and renamed
+only the adapters for a PEFT model), the tokenizer when there is one, ``trainer_state.json`` (the
+step and what run wrote it: its model, data and length), ``trainer_state.pt`` (optimizer, schedule
+and the trainer's own state: tensors and plain values), one ``rng_rankR.pt`` per process, and under
+DeepSpeed its own sharded optimizer states in ``deepspeed/``. The ``.pt`` files are read with
+``torch.load(weights_only=True)``: a checkpoint holding any other Python object is refused, so
+resuming never runs code from a checkpoint. It is written into a temporary folder first and renamed
 into place in one ``os.replace``: a run killed mid-save leaves the previous checkpoints intact and
 no half-written ``checkpoint-*`` folder. Older checkpoints beyond ``save_total_limit`` are removed.
+
+An output folder belongs to one run. A new run refuses a folder where another run left checkpoints,
+a model or metrics (``overwrite_output_dir`` deletes the old checkpoints first instead), and a
+resume refuses a checkpoint written for another model or data set, or past the end of the run.
 
 A trainer composes a ``Checkpointer``: it hands over the engine, how its weights are written and
 read (``Weights``; ``hf_weights`` for a Hugging Face model) and its own state to keep.
@@ -14,11 +21,15 @@ read (``Weights``; ``hf_weights`` for a Hugging Face model) and its own state to
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import math
 import os
+import pickle
 import random
 import re
 import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,16 +37,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastalign.errors import CheckpointError
 from fastalign.models.loading import load_model_weights
 
 from . import distributed
+from .metrics import METRICS_FILE
 
 STATE_FILE = "trainer_state.pt"
+PLAIN_STATE_FILE = "trainer_state.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+# What a run leaves in its output_dir besides checkpoints: its saved model (Hugging Face, PEFT,
+# diffusers, DDPO's LoRA file) and its metrics.
+RUN_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors", "model_index.json",
+             "pytorch_lora_weights.safetensors", METRICS_FILE)
+# The parts of a run a checkpoint must share with the run resuming it.
+MATCHED = ("model", "data")
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every random generator's state as tensors and plain values (numpy's as a tensor of its keys)."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                       "cached_gaussian": float(cached)}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -43,7 +67,9 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy = state["numpy"]
+    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
+                         numpy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -61,6 +87,21 @@ def checkpoints(output_dir) -> list[Path]:
 def latest_checkpoint(output_dir) -> Path | None:
     found = checkpoints(output_dir)
     return found[-1] if found else None
+
+
+def run_traces(output_dir) -> list[str]:
+    """What runs left in ``output_dir``: its checkpoints, then a saved model or logged metrics."""
+    root = Path(output_dir)
+    found = [p.name for p in checkpoints(root)]
+    return found + [name for name in RUN_FILES if (root / name).is_file() and (root / name).stat().st_size]
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """The model as a checkpoint records it: its class and its parameters' names and shapes (the
+    whole shapes under ZeRO-3), as one short line."""
+    shapes = [(name, tuple(getattr(p, "ds_shape", p.shape))) for name, p in model.named_parameters()]
+    digest = hashlib.sha256(repr(shapes).encode()).hexdigest()[:12]
+    return f"{type(model).__name__}, {sum(math.prod(s) for _, s in shapes)} parameters in {len(shapes)} tensors ({digest})"
 
 
 @contextlib.contextmanager
@@ -110,8 +151,11 @@ def hf_weights(model, tokenizer=None) -> Weights:
 
 
 def save_checkpoint(output_dir, step: int, weights: Weights, trainer_state: dict, save_total_limit: int | None = None,
-                    state_dict: dict | None = None, write_extra: Callable[[Path], None] | None = None) -> Path:
-    """Write ``checkpoint-{step}`` atomically; returns its path.
+                    state_dict: dict | None = None, write_extra: Callable[[Path], None] | None = None,
+                    run: dict | None = None) -> Path:
+    """Write ``checkpoint-{step}`` atomically; returns its path. ``trainer_state``: tensors and plain
+    values (what ``torch.load(weights_only=True)`` reads back); ``run``: what run writes it (plain
+    values, kept in ``trainer_state.json``).
 
     With several processes every one calls this: the main one writes the weights (``state_dict``,
     gathered beforehand under ZeRO-3) and renames the folder into place; ``write_extra(tmp)``
@@ -130,13 +174,13 @@ def save_checkpoint(output_dir, step: int, weights: Weights, trainer_state: dict
     try:
         if main:
             weights.save(tmp, state_dict)
-            torch.save({**trainer_state, "step": step}, tmp / STATE_FILE)
+            torch.save(trainer_state, tmp / STATE_FILE)
         if write_extra is not None:
             write_extra(tmp)
         torch.save(rng_state(), tmp / f"rng_rank{distributed.rank()}.pt")
         distributed.barrier()
         if main:
-            (tmp / "trainer_state.json").write_text(json.dumps({"step": step}, indent=1))
+            (tmp / PLAIN_STATE_FILE).write_text(json.dumps({"step": step, "run": run or {}}, indent=1))
             _fsync_tree(tmp)
     except BaseException:
         if main:
@@ -157,24 +201,63 @@ def save_checkpoint(output_dir, step: int, weights: Weights, trainer_state: dict
     return final
 
 
+def read_run(checkpoint: Path) -> dict:
+    """``trainer_state.json`` of ``checkpoint``: its ``step`` and the ``run`` that wrote it."""
+    path = Path(checkpoint) / PLAIN_STATE_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a complete fastalign checkpoint ({err})") from None
+
+
+def load_tensors(path: Path):
+    """What ``torch.save`` wrote in ``path``, read with ``weights_only=True``: tensors and plain values
+    only, so nothing in the file runs."""
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        what = f" ({found.group(1)})" if found else ""
+        raise CheckpointError(f"{path}: holds a Python object{what} where tensors and plain values were expected; "
+                              "fastalign runs no code from a checkpoint, so it is refused") from None
+    except (RuntimeError, EOFError) as err:
+        raise CheckpointError(f"{path}: cannot be read ({str(err).splitlines()[0]})") from None
+
+
 def load_trainer_state(checkpoint: Path) -> dict:
-    """The step, optimizer and schedule states, and this process's RNG state (under ``"rng"``)."""
+    """The step, the run that wrote it (``run``), the optimizer and schedule states and this
+    process's RNG state (under ``"rng"``)."""
     checkpoint = Path(checkpoint)
-    state = torch.load(checkpoint / STATE_FILE, weights_only=False)
+    plain = read_run(checkpoint)
+    state = load_tensors(checkpoint / STATE_FILE)
     rng = checkpoint / f"rng_rank{distributed.rank()}.pt"
     if not rng.exists():
         raise FileNotFoundError(f"{checkpoint} has no RNG state for process {distributed.rank()}: "
                                 "was it written by fewer processes?")
-    state["rng"] = torch.load(rng, weights_only=False)
-    return state
+    return {**state, "step": plain["step"], "run": plain.get("run", {}), "rng": load_tensors(rng)}
+
+
+def follow_schedule(scheduler) -> None:
+    """Set the rates to ``scheduler``'s at its step (a ``LambdaLR``, as every fastalign schedule): a
+    run resumed with another length goes on along its own schedule, not the checkpoint's end."""
+    if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        rates = [base * rate(scheduler.last_epoch) for base, rate in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+        for group, lr in zip(scheduler.optimizer.param_groups, rates):
+            group["lr"] = lr
+        scheduler._last_lr = rates
 
 
 @dataclass
 class Checkpointer:
     """One run's checkpoints, composed into a trainer: the ``weights``, the optimizer and schedule
     (the engine's, or DeepSpeed's own sharded checkpoint), each process's RNG state, and the
-    trainer's own ``state()`` (a dict, restored by ``load_state``) for what else an exact resume
-    needs (data position, controllers, generators)."""
+    trainer's own ``state()`` (a dict of tensors and plain values, restored by ``load_state``) for
+    what else an exact resume needs (data position, controllers, generators).
+
+    The run's ``output_dir`` is its own: ``claim`` (a new run) refuses a folder another run used
+    unless ``overwrite`` (``overwrite_output_dir``) and ``resume`` refuses a checkpoint of another
+    ``model`` (the engine's) or ``data`` (a short line the trainer gives), or past ``total`` (the
+    run's length in steps, when known). ``resume_key`` names the option that resumes, in messages."""
 
     engine: object  # fastalign.engine.Engine
     output_dir: str | Path
@@ -182,10 +265,40 @@ class Checkpointer:
     state: Callable[[], dict] = dict
     load_state: Callable[[dict], None] = lambda state: None
     save_total_limit: int | None = None
+    data: str | None = None
+    overwrite: bool = False
+    resume_key: str = "resume_from_checkpoint"
+    total: int | None = None
     last_saved: Path | None = field(default=None, init=False)
+    owned: bool = field(default=False, init=False)
+
+    def run(self) -> dict:
+        """What run this is, as its checkpoints record it (``trainer_state.json``)."""
+        return {"model": model_fingerprint(self.engine.model), "data": self.data, "total": self.total}
+
+    def claim(self) -> None:
+        """Make ``output_dir`` this run's; every process calls it before the run writes there. A
+        folder holding another run's checkpoints, model or metrics is refused, or with ``overwrite``
+        its checkpoints are deleted first (so rotation never deletes this run's)."""
+        if self.owned:
+            return
+        root = Path(self.output_dir)
+        found = run_traces(root)  # every process looks before the main one changes anything
+        distributed.barrier()
+        if found and not self.overwrite:
+            more = f" and {len(found) - 3} more" if len(found) > 3 else ""
+            raise CheckpointError(f"output_dir {root} holds another run ({', '.join(found[:3])}{more}): resume it with "
+                                  f"{self.resume_key}=true, or set overwrite_output_dir=true to start anew there (its "
+                                  "checkpoints are deleted), or choose another output_dir")
+        if found and distributed.is_main():
+            for old in checkpoints(root) + list(root.glob(".tmp-checkpoint-*")) + list(root.glob(".old-checkpoint-*")):
+                shutil.rmtree(old)
+        distributed.barrier()
+        self.owned = True
 
     def save(self, step: int) -> Path:
         """``checkpoint-{step}`` in ``output_dir``; every process calls it."""
+        self.claim()
         ds = self.engine.deepspeed
         if ds is None:
             scheduler = self.engine.lr_scheduler
@@ -196,7 +309,7 @@ class Checkpointer:
             extra = lambda tmp: ds.save_checkpoint(str(tmp / "deepspeed"), tag="state")  # noqa: E731
         state.update(self.state())
         self.last_saved = save_checkpoint(self.output_dir, step, self.weights, state, self.save_total_limit,
-                                          state_dict=full, write_extra=extra)
+                                          state_dict=full, write_extra=extra, run=self.run())
         return self.last_saved
 
     def save_weights(self, folder) -> None:
@@ -207,12 +320,26 @@ class Checkpointer:
             self.weights.save(Path(folder), state)
         distributed.barrier()
 
+    def check(self, path: Path, plain: dict) -> None:
+        """Refuse checkpoint ``path`` (its ``trainer_state.json``: ``plain``) unless this run wrote it."""
+        step, run = plain["step"], plain.get("run", {})
+        if self.total is not None and step > self.total:
+            raise CheckpointError(f"{path} is at step {step}, past the end of this run (step {self.total}): resume it "
+                                  "in a run at least that long, or start this run in another output_dir")
+        ours = self.run()
+        for key in MATCHED:
+            if run.get(key) is not None and ours[key] is not None and run[key] != ours[key]:
+                raise CheckpointError(f"{path} was written for another {key} ({run[key]}; this run's: {ours[key]}): "
+                                      f"resume it with the {key} of its run, or start this run in another output_dir")
+
     def resume(self, target: str | Path | bool) -> int:
         """Restore the checkpoint ``target`` (a folder, or True: the latest in ``output_dir``):
-        weights, optimizer, schedule, RNG and the trainer's state; returns its step."""
+        weights, optimizer, schedule (set to this run's length at the checkpoint's step), RNG and
+        the trainer's state; returns its step and says so on the main process."""
         path = latest_checkpoint(self.output_dir) if target is True else Path(target)
         if path is None or not path.is_dir():
-            raise FileNotFoundError(f"resume_from_checkpoint={target!r}: no checkpoint found (output_dir={self.output_dir})")
+            raise FileNotFoundError(f"{self.resume_key}={target!r}: no checkpoint found (output_dir={self.output_dir})")
+        self.check(path, read_run(path))
         state = load_trainer_state(path)
         engine = self.engine
         if engine.deepspeed is None:
@@ -224,8 +351,13 @@ class Checkpointer:
             if not (path / "deepspeed").is_dir():
                 raise FileNotFoundError(f"{path} was written without DeepSpeed; it has no DeepSpeed optimizer states")
             engine.deepspeed.load_checkpoint(str(path / "deepspeed"), tag="state")
+        follow_schedule(engine.lr_scheduler)
         set_rng_state(state["rng"])
         self.load_state(state)
+        self.owned = True
+        if distributed.is_main():
+            of = f" of {self.total}" if self.total is not None else ""
+            print(f"resumed from {path} at step {state['step']}{of}", file=sys.stderr, flush=True)
         return state["step"]
 
 
@@ -249,3 +381,11 @@ class Checkpointed:
         returns its step, now ``global_step``."""
         self.global_step = self.checkpointer.resume(target)
         return self.global_step
+
+    def start_run(self, target: str | Path | bool | None, fresh: int = 0) -> int:
+        """The step a run starts from: the checkpoint ``target``'s (resumed) when given, else
+        ``fresh`` in an ``output_dir`` this run claims (``Checkpointer.claim``)."""
+        if target:
+            return self.resume(target)
+        self.checkpointer.claim()
+        return fresh

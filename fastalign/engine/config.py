@@ -49,6 +49,9 @@ class TrainingConfig:
     save_steps: int | None = None
     save_total_limit: int | None = 2
     resume_from_checkpoint: str | bool | None = None  # a checkpoint dir, or True for the latest in output_dir
+    # A new run refuses an output_dir holding another run's checkpoints, model or metrics; True
+    # deletes the old checkpoints first and starts anew there.
+    overwrite_output_dir: bool = False
     logging_steps: int = 1
     report_to: list[str] = field(default_factory=list)  # [] or ["tensorboard"]
     disable_tqdm: bool = False

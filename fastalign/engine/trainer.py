@@ -103,8 +103,10 @@ class Trainer(LossPasses, Checkpointed):
         self.num_training_steps = args.max_steps if args.max_steps > 0 else args.num_train_epochs * self.steps_per_epoch
         self.engine = Engine(model, args, self.num_training_steps, *optimizers)
         self.model = model
+        data = None if self.streamed else f"{len(train_data)} rows, {int(train_data.lengths.sum())} tokens"
         self.checkpointer = Checkpointer(self.engine, args.output_dir, hf_weights(model, tokenizer), self.extra_state,
-                                         self.load_extra_state, args.save_total_limit)
+                                         self.load_extra_state, args.save_total_limit, data, args.overwrite_output_dir,
+                                         total=self.num_training_steps)
         self.global_step = 0  # optimizer steps done
         self.logger = None
 
@@ -214,7 +216,7 @@ class Trainer(LossPasses, Checkpointed):
         evaluation's metrics."""
         args = self.args
         set_seed(args.seed)  # the run repeats whatever ran between construction and train()
-        start = self.resume(args.resume_from_checkpoint) if args.resume_from_checkpoint else 0
+        start = self.start_run(args.resume_from_checkpoint)
         loop = Loop(args.output_dir, self.num_training_steps, start, report_to=args.report_to,
                     show_bar=not args.disable_tqdm)
         self.logger = loop.logger

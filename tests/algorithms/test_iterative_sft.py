@@ -19,6 +19,7 @@ from fastalign.algorithms.iterative_sft import IterativeSFTConfig, IterativeSFTT
 from fastalign.data import IGNORE_INDEX
 from fastalign.engine.checkpoint import latest_checkpoint
 from fastalign.engine.metrics import read_metrics
+from fastalign.errors import CheckpointError
 from fastalign.models.tiny import char_tokenizer, tiny_model
 from fastalign.tasks import sort_digits
 from helpers import assert_close
@@ -261,6 +262,17 @@ def test_schedule_logging_checkpoints_and_resume(tmp_path):
         assert torch.equal(p, q)
     a, b = trainer.step(input_ids=rows), resumed.step(input_ids=rows)
     assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"]
+
+
+def test_a_new_trainer_into_a_used_output_dir_is_refused(tmp_path):
+    rows = [x for x, _ in odd_rows()]
+    IterativeSFTTrainer(small(), config(tmp_path), TOK).step(input_ids=rows)
+    logged = (tmp_path / "metrics.jsonl").read_text()
+    with pytest.raises(CheckpointError, match="overwrite_output_dir"):
+        IterativeSFTTrainer(small(), config(tmp_path), TOK)
+    assert (tmp_path / "metrics.jsonl").read_text() == logged
+    fresh = IterativeSFTTrainer(small(), config(tmp_path, overwrite_output_dir=True), TOK)
+    assert fresh.step(input_ids=rows)["optimizer_steps"] == 1 and len(read_metrics(tmp_path)) == 1
 
 
 # ---- rejection sampling on the built-in task ---------------------------------------------------

@@ -127,3 +127,35 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
                          train_dataset=[{"text": "hello"}])
     with pytest.raises(FileNotFoundError, match="no checkpoint found"):
         trainer.train()
+
+
+class _RunsCode:
+    """Unpickled, it would create the folder ``marker``: what a crafted checkpoint could do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return os.mkdir, (self.marker,)
+
+
+@pytest.mark.parametrize("name", ["trainer_state.pt", "rng_rank0.pt"])
+def test_a_checkpoint_holding_code_is_refused_and_the_code_never_runs(tmp_path, name):
+    from fastalign.algorithms import SFTConfig, SFTTrainer
+    from fastalign.errors import CheckpointError
+    from fastalign.models.tiny import char_tokenizer
+
+    def build(**options):
+        return SFTTrainer(tiny_model("llama", hidden_size=32, layers=1, heads=2), tokenizer=char_tokenizer(),
+                          args=SFTConfig(output_dir=str(tmp_path / "run"), disable_tqdm=True, max_steps=2, **options),
+                          train_dataset=[{"text": "hello"}])
+
+    path = build().save_checkpoint()
+    marker = tmp_path / "code-ran"
+    torch.save({"optimizer": _RunsCode(marker)}, path / name)
+    with pytest.raises(CheckpointError, match=name) as err:
+        build(resume_from_checkpoint=str(path)).train()
+    assert "\n" not in str(err.value)
+    assert not marker.exists()

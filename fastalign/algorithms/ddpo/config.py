@@ -26,6 +26,7 @@ class DDPOConfig:
     mixed_precision: str = "fp16"  # "no", "fp16" or "bf16"
     allow_tf32: bool = True
     resume_from: str | bool = ""  # a checkpoint folder, or True: the latest in output_dir
+    overwrite_output_dir: bool = False  # True: a new run deletes another run's checkpoints in output_dir
     # Sampling.
     sample_num_steps: int = 50
     sample_eta: float = 1.0

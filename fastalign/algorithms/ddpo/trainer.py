@@ -92,7 +92,8 @@ class DDPOTrainer(Checkpointed):
         self.engine = Engine(unet, options, None, optimizer)
         self.optimizer = self.engine.optimizer
         self.checkpointer = Checkpointer(self.engine, c.output_dir, unet_weights(unet, c.use_lora), self.extra_state,
-                                         self.load_extra_state, c.num_checkpoint_limit)
+                                         self.load_extra_state, c.num_checkpoint_limit,
+                                         overwrite=c.overwrite_output_dir, resume_key="resume_from")
         self.stat_tracker = (PerPromptStatTracker(c.per_prompt_stat_tracking_buffer_size, c.per_prompt_stat_tracking_min_count)
                              if c.per_prompt_stat_tracking else None)
         self.generator = torch.Generator(self.device).manual_seed(c.seed)  # sampling noise
@@ -300,10 +301,9 @@ class DDPOTrainer(Checkpointed):
         save the trained weights to ``output_dir``. Returns the last epoch's statistics."""
         c = self.config
         total = epochs if epochs is not None else c.num_epochs
-        start = 0
-        if c.resume_from:
-            self.resume(c.resume_from)
-            start = self.first_epoch
+        self.checkpointer.total = total * c.optimizer_steps_per_epoch
+        self.start_run(c.resume_from)
+        start = self.first_epoch if c.resume_from else 0
         loop = Loop(c.output_dir, total, start, report_to=c.report_to, show_bar=not c.disable_tqdm,
                     keep_records_to=start * c.optimizer_steps_per_epoch, bar_keys=BAR_KEYS, bar_desc="ddpo epochs",
                     bar_unit="epoch")
@@ -341,8 +341,8 @@ class DDPOTrainer(Checkpointed):
 
     def extra_state(self) -> dict:
         tracker = None
-        if self.stat_tracker is not None:
-            tracker = {k: list(v) for k, v in self.stat_tracker.stats.items()}
+        if self.stat_tracker is not None:  # plain strings and floats, not numpy's
+            tracker = {str(k): [float(r) for r in v] for k, v in self.stat_tracker.stats.items()}
         return {"ddpo": {"epoch": self.first_epoch, "tracker": tracker, "generator": self.generator.get_state(),
                          "perm": self.perm_generator.get_state()}}
 

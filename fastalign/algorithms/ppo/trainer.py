@@ -108,8 +108,6 @@ class PPOTrainer(Checkpointed):
         self.engine = Engine(model, config, None, optimizer)
         self.optimizer = self.engine.optimizer
         self.lr_scheduler = lr_scheduler
-        self.checkpointer = Checkpointer(self.engine, config.output_dir, hf_weights(model, tokenizer), self.extra_state,
-                                         self.load_extra_state, config.save_total_limit)
         self.ref_model = None if ref_model is None else distributed.wrap_for_inference(ref_model, self.engine)
         self.reward_model = None
         if reward_model is not None:
@@ -126,6 +124,10 @@ class PPOTrainer(Checkpointed):
                 raise ValueError(f"the dataset has {len(self.dataset)} prompts, fewer than one PPO batch "
                                  f"(batch_size {config.batch_size} x {self.world_size} processes)")
             self.dataloader = prompt_loader(self.dataset, config.batch_size, config.seed, self.data_collator)
+        self.checkpointer = Checkpointer(self.engine, config.output_dir, hf_weights(model, tokenizer), self.extra_state,
+                                         self.load_extra_state, config.save_total_limit,
+                                         None if self.dataset is None else f"{len(self.dataset)} prompts",
+                                         config.overwrite_output_dir)
         self.global_step = 0  # PPO steps done (step() calls)
         self.logger = None
 
@@ -379,7 +381,8 @@ class PPOTrainer(Checkpointed):
         check_prompt_lengths(self.dataset, new_tokens, c.max_tokens_per_batch,
                              getattr(self.model.pretrained_model.config, "max_position_embeddings", None))
         resumed = bool(c.resume_from_checkpoint)
-        start = self.resume(c.resume_from_checkpoint) if resumed else self.global_step
+        self.checkpointer.total = total
+        start = self.start_run(c.resume_from_checkpoint, self.global_step)
         # A resumed run keeps metrics.jsonl's records up to its checkpoint; a fresh one starts it anew.
         loop = Loop(c.output_dir, total, start, report_to=c.report_to, show_bar=not c.disable_tqdm,
                     keep_records_to=start if resumed else 0, bar_keys=BAR_KEYS)

@@ -50,3 +50,21 @@ def test_a_hub_name_while_the_hub_is_unreachable_fails_at_once_in_one_line(hub_u
     message = str(error.value)
     assert message.startswith("model 'fastalign-tests/no-such-model': the Hugging Face Hub could not be reached")
     assert "fastalign/tiny-llama, fastalign/tiny-qwen2" in message and "\n" not in message
+
+
+def test_a_hub_model_in_the_local_cache_loads_at_once_while_the_hub_is_unreachable(tmp_path, monkeypatch,
+                                                                                  hub_unreachable):
+    from fastalign.models.tiny import char_tokenizer, tiny_model
+
+    repo = tmp_path / "models--fastalign-tests--cached"  # huggingface_hub's cache layout
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    tiny_model("qwen2", hidden_size=32, layers=1, heads=2).save_pretrained(repo / "snapshots" / ("0" * 40))
+    char_tokenizer().save_pretrained(repo / "snapshots" / ("0" * 40))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    start = time.monotonic()
+    model, _ = load_model("fastalign-tests/cached", device="cpu")
+    tokenizer = load_tokenizer("fastalign-tests/cached")
+    assert time.monotonic() - start < 5
+    assert type(model).__name__ == "Qwen2ForCausalLM" and model.config.hidden_size == 32
+    assert tokenizer("ab")["input_ids"] == char_tokenizer()("ab")["input_ids"]

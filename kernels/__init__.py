@@ -13,7 +13,7 @@ from .logprobs import (
     selective_logprobs,
     selective_logprobs_reference,
 )
-from .preference import COUPLED_LOSS_TYPES, LOSS_TYPES, preference_loss, reward_loss
+from .preference import COUPLED_LOSS_TYPES, LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES, preference_loss, reward_loss
 from .segments import segment_mean, segment_sum, segment_sum_reference
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "segment_sum_reference",
     "LOSS_TYPES",
     "COUPLED_LOSS_TYPES",
+    "REFERENCE_FREE_LOSS_TYPES",
     "preference_loss",
     "reward_loss",
     "fused_preference_loss",

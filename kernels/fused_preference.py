@@ -8,8 +8,14 @@ sequence indices of each pair's two halves. Then
     logp_t  = log softmax(h_t W^T / T)[y_t]                     at loss positions only
     pi_s    = sum_{t in s} logp_t    (or the mean, average_log_prob=True)
     loss    = mean over pairs of preference_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected)
+              + nll_coef * nll,    nll = -(sum of logp_t over chosen tokens) / (number of chosen tokens)
 
-The lm_head runs only at loss positions, and a ``[tokens, vocab]`` tensor never exists.
+The NLL term is the token mean over every chosen completion of the batch, as a cross-entropy over
+the chosen half of a padded batch: CPO's behaviour-cloning term (``nll_coef = cpo_alpha``, Xu et
+al. 2024, arXiv:2401.08417) and ORPO's SFT term (``nll_coef = 1``, Hong et al. 2024,
+arXiv:2403.07691; TRL 1.16 takes ORPO's NLL over the prompt tokens too, here it covers the same
+loss positions as the log-probs). The lm_head runs only at loss positions, and a
+``[tokens, vocab]`` tensor never exists.
 
 Separable loss types (a pair's loss depends on that pair alone) take one pass: the loss positions
 of whole pairs go through in chunks; each chunk's logits give its log-probs, hence its pairs'
@@ -36,7 +42,7 @@ import torch
 
 from .linear_logprobs import CHUNK_BYTES, chunk_logits, chunk_plan, head_choice, linear_logprobs
 from .logprobs import check_labels, make_options, row_grad, row_stats
-from .preference import COUPLED_LOSS_TYPES, preference_loss
+from .preference import COUPLED_LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES, preference_loss
 from .segments import packed_layout
 
 
@@ -48,6 +54,8 @@ class PreferenceLossOutput(NamedTuple):
     - ``chosen_rewards``, ``rejected_rewards``: ``[P]`` each, detached
     - ``chosen_logps``, ``rejected_logps``: ``[P]`` each, the policy's log-probs (sum or mean per
       sequence), detached
+    - ``nll_loss``: scalar, the chosen completions' token-mean NLL (0 if they have no token),
+      detached; ``loss`` holds ``nll_coef`` times it
     """
 
     loss: torch.Tensor
@@ -56,6 +64,7 @@ class PreferenceLossOutput(NamedTuple):
     rejected_rewards: torch.Tensor
     chosen_logps: torch.Tensor
     rejected_logps: torch.Tensor
+    nll_loss: torch.Tensor
 
 
 def _pair_layout(seq_index, n_seq, chosen, rejected):
@@ -136,6 +145,9 @@ class _FusedSeparable(torch.autograd.Function):
         ones = torch.ones_like(pair_t, dtype=torch.float32)
         counts = torch.zeros(2, n_pairs, device=hidden.device).index_put_((role_t, pair_t), ones, accumulate=True)
         denom = counts.clamp(min=1.0) if loss_kw["average_log_prob"] else torch.ones_like(counts)
+        # The NLL's share per chosen token: -nll_coef / (chosen tokens of the batch).
+        nll_scale = 1.0 / counts[0].sum().clamp(min=1.0)
+        nll = torch.zeros((), device=hidden.device)
         grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
         grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[2] else None
@@ -153,17 +165,21 @@ class _FusedSeparable(torch.autograd.Function):
             else:
                 logp, norm, _ = row_stats(z, yc.unsqueeze(0), opts, with_entropy=False)
                 logp = logp[0]
-            pi_c = torch.zeros(2, p1 - p0, device=z.device).index_put_((rc, pc), logp, accumulate=True)
-            pi_c = (pi_c / denom[:, p0:p1]).requires_grad_()
-            # 2. The chunk's pairs' losses (their share of the batch mean) and dloss/dpi.
+            sums = torch.zeros(2, p1 - p0, device=z.device).index_put_((rc, pc), logp, accumulate=True)
+            sums.requires_grad_()
+            # 2. The chunk's pairs' losses (their share of the batch mean), its share of the NLL,
+            #    and their gradient with respect to the per-sequence sums.
             with torch.enable_grad():
+                pi_c = sums / denom[:, p0:p1]
                 out = preference_loss(pi_c[0], pi_c[1], ref[0, p0:p1], ref[1, p0:p1], **loss_kw["loss"])
-                (g_pi,) = torch.autograd.grad(out[0].sum() / n_pairs, pi_c)
+                nll_c = -sums[0].sum() * nll_scale
+                (g_sums,) = torch.autograd.grad(out[0].sum() / n_pairs + loss_kw["nll_coef"] * nll_c, sums)
             pi[:, p0:p1] = pi_c.detach()
+            nll += nll_c.detach()
             losses.append(out[0].detach())
             rewards.append(torch.stack(out[1:]))
             # 3. Logits -> dloss/dlogits in place, then the two gradient matmuls.
-            g_t = (g_pi / denom[:, p0:p1])[rc, pc]
+            g_t = g_sums[rc, pc]
             if opts.backend == "torch":
                 _grad_in_place(z[0], yc, row_sums, g_t, opts.temperature)
             else:
@@ -178,10 +194,10 @@ class _FusedSeparable(torch.autograd.Function):
             del z, d  # free this chunk's logits before the next chunk's exist
         ctx.grads = (grad_h, grad_w, grad_b)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-        loss = torch.cat(losses).sum() / n_pairs
+        loss = torch.cat(losses).sum() / n_pairs + loss_kw["nll_coef"] * nll
         losses, rewards = torch.cat(losses), torch.cat(rewards, dim=1)
-        ctx.mark_non_differentiable(losses, rewards, pi)
-        return loss, losses, rewards, pi
+        ctx.mark_non_differentiable(losses, rewards, pi, nll)
+        return loss, losses, rewards, pi, nll
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
@@ -215,15 +231,18 @@ def fused_preference_loss(
     temperature: float = 1.0,
     ignore_index: int = -100,
     backend: str | None = None,
+    nll_coef: float = 0.0,
     **loss_options: float | torch.Tensor,
 ) -> PreferenceLossOutput:
     """From hidden states of a packed batch to the preference loss; see the module docstring.
 
     ``hidden [N, H]``, ``weight [V, H]``, ``labels [N]``, the layout (``seq_index [N]`` or
     ``cu_seqlens [S+1]``), ``chosen``/``rejected [P]`` sequence indices, reference log-probs
-    ``[P]`` (computed the same way: sums, or means with ``average_log_prob``). Extra keyword
-    options (``discopop_tau``, ``bco_delta``) go to ``preference_loss``. Returns a
-    ``PreferenceLossOutput``; only ``loss`` carries gradients.
+    ``[P]`` (computed the same way: sums, or means with ``average_log_prob``; not used by
+    ``orpo`` and ``simpo``). ``nll_coef`` weighs the chosen completions' token-mean NLL (CPO's
+    ``cpo_alpha``, 1 for ORPO). Extra keyword options (``discopop_tau``, ``bco_delta``,
+    ``simpo_gamma``) go to ``preference_loss``. Returns a ``PreferenceLossOutput``; only ``loss``
+    carries gradients.
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} must be [N, H] and [V, H]")
@@ -237,6 +256,7 @@ def fused_preference_loss(
     loss_kw = dict(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, reference_free=reference_free, **loss_options)
 
     n_seq, n_pairs = cu.numel() - 1, chosen.numel()
+    reference_free = reference_free or loss_type in REFERENCE_FREE_LOSS_TYPES
     if not reference_free:
         for name, r in (("reference_chosen_logps", reference_chosen_logps), ("reference_rejected_logps", reference_rejected_logps)):
             if r is None or r.shape != (n_pairs,):
@@ -249,20 +269,22 @@ def fused_preference_loss(
         # through autograd (coupled losses need every pair's log-probs before any gradient).
         head = "fused" if fused_head else opts.backend
         logp = linear_logprobs(hidden[pos], weight, labels[pos], bias, ignore_index, temperature, backend=head)
-        pi = torch.zeros(n_seq, device=hidden.device).index_add(0, seq_t[pos], logp)
-        if average_log_prob:
-            pi = pi / torch.bincount(seq_t[pos], minlength=n_seq).clamp(min=1)
+        sums = torch.zeros(n_seq, device=hidden.device).index_add(0, seq_t[pos], logp)
+        counts = torch.bincount(seq_t[pos], minlength=n_seq)
+        pi = sums / counts.clamp(min=1) if average_log_prob else sums
         pi_c, pi_r = pi[chosen.long()], pi[rejected.long()]
         losses, r_c, r_r = preference_loss(pi_c, pi_r, reference_chosen_logps, reference_rejected_logps, **loss_kw)
-        return PreferenceLossOutput(losses.mean(), losses.detach(), r_c, r_r, pi_c.detach(), pi_r.detach())
+        nll = -sums[chosen.long()].sum() / counts[chosen.long()].sum().clamp(min=1)
+        loss = losses.mean() + nll_coef * nll if nll_coef else losses.mean()
+        return PreferenceLossOutput(loss, losses.detach(), r_c, r_r, pi_c.detach(), pi_r.detach(), nll.detach())
 
     # One pass: log-probs, loss and gradients together.
     if reference_free:
         ref = torch.zeros(2, n_pairs, device=hidden.device)
     else:
         ref = torch.stack((reference_chosen_logps, reference_rejected_logps)).float().to(hidden.device)
-    loss_kw = {"average_log_prob": average_log_prob, "loss": loss_kw}
-    loss, losses, rewards, pi = _FusedSeparable.apply(
+    loss_kw = {"average_log_prob": average_log_prob, "nll_coef": nll_coef, "loss": loss_kw}
+    loss, losses, rewards, pi, nll = _FusedSeparable.apply(
         hidden, weight, bias, pos, labels[pos], pair_t[pos], role_t[pos], ref, opts, loss_kw
     )
-    return PreferenceLossOutput(loss, losses, rewards[0], rewards[1], pi[0], pi[1])
+    return PreferenceLossOutput(loss, losses, rewards[0], rewards[1], pi[0], pi[1], nll)

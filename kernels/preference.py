@@ -36,6 +36,19 @@ the losses per pair are:
 ``reference_free=True`` takes every reference log-prob as 0 (a reference that finds all completions
 equally likely), for every loss type and for the rewards.
 
+Two loss types never use a reference (``REFERENCE_FREE_LOSS_TYPES``: reference log-probs may be
+None, rewards are ``beta * pi``). Both are meant for mean log-probs per token (``average_log_prob``):
+
+    orpo       -beta log s(log_odds),  log_odds = (pi_c - pi_r) - (log(1 - e^pi_c) - log(1 - e^pi_r))
+                                                                ORPO, Hong et al. 2024, arXiv:2403.07691
+    simpo      -(1-eps) log s(beta (pi_c - pi_r) - gamma) - eps log s(-(beta (pi_c - pi_r) - gamma)),
+               gamma = ``simpo_gamma``                          SimPO, Meng et al. 2024, arXiv:2405.14734
+
+ORPO's full objective adds the chosen completions' NLL (weight 1), and CPO (Xu et al. 2024,
+arXiv:2401.08417) is ``sigmoid``, ``hinge``, ``ipo`` or ``simpo`` with ``reference_free=True`` plus
+that NLL times ``cpo_alpha``: per-pair losses cannot hold a token mean over the batch, so the NLL is
+``fused_preference_loss``'s ``nll_coef``. ``orpo``'s ``beta`` is the paper's lambda.
+
 ``kto_pair``, ``bco_pair``, ``aot`` and ``aot_pair`` couple the pairs of a batch (batch means,
 sorting); the others are separable, one pair's loss depends on that pair only.
 
@@ -63,6 +76,8 @@ LOSS_TYPES = (
 )
 # Loss types whose per-pair loss depends on the other pairs of the batch.
 COUPLED_LOSS_TYPES = frozenset({"kto_pair", "bco_pair", "aot", "aot_pair"})
+# Loss types with no reference model (ORPO, SimPO): not DPO variants, so not in LOSS_TYPES.
+REFERENCE_FREE_LOSS_TYPES = ("orpo", "simpo")
 
 
 def _check_pairs(named: dict) -> int:
@@ -82,6 +97,19 @@ def _smoothed_sigmoid_loss(u, eps):
     return -F.logsigmoid(u) * (1 - eps) - F.logsigmoid(-u) * eps
 
 
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 - e^x)`` for ``x <= 0`` without cancellation: ``log1p(-e^x)`` below ``-log 2``,
+    ``log(-expm1(x))`` above (Maechler 2012). ``x = 0`` (a probability of 1, or an empty
+    completion's mean of 0) is read as the largest value below 0, so the result stays finite."""
+    x = x.clamp(max=-torch.finfo(x.dtype).tiny)
+    return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def log_odds_ratio(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor) -> torch.Tensor:
+    """ORPO's ``log(odds_c / odds_r)`` with ``odds = p / (1 - p)``, ``p = e^logp``, per pair."""
+    return (chosen_logps - rejected_logps) - (log1mexp(chosen_logps) - log1mexp(rejected_logps))
+
+
 def preference_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
@@ -94,14 +122,18 @@ def preference_loss(
     *,
     discopop_tau: float = 0.05,
     bco_delta: float | torch.Tensor | None = None,
+    simpo_gamma: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair losses and rewards: ``(losses, chosen_rewards, rejected_rewards)``.
 
     ``losses`` is ``[P]`` (``[2P]`` for ``kto_pair``); the rewards are ``[P]``, detached. See the
-    module docstring for each ``loss_type``'s formula and paper.
+    module docstring for each ``loss_type``'s formula and paper; ``orpo`` and ``simpo`` take no
+    reference (as if ``reference_free=True``).
     """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {', '.join(LOSS_TYPES)}")
+    if loss_type not in LOSS_TYPES + REFERENCE_FREE_LOSS_TYPES:
+        known = ", ".join(LOSS_TYPES + REFERENCE_FREE_LOSS_TYPES)
+        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {known}")
+    reference_free = reference_free or loss_type in REFERENCE_FREE_LOSS_TYPES
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
     if not beta > 0:
@@ -158,6 +190,10 @@ def preference_loss(
     elif loss_type == "aot":
         delta = torch.sort(pi_c - pi_r).values - torch.sort(ref_c - ref_r).values
         losses = _smoothed_sigmoid_loss(beta * delta, eps)
+    elif loss_type == "orpo":
+        losses = -beta * F.logsigmoid(log_odds_ratio(pi_c, pi_r))
+    elif loss_type == "simpo":
+        losses = _smoothed_sigmoid_loss(beta * h - simpo_gamma, eps)
     else:  # discopop
         u = beta * h
         w = torch.sigmoid(u / discopop_tau)

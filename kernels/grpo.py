@@ -45,17 +45,13 @@ from __future__ import annotations
 
 import torch
 
+from .preference import _f32
 from .segments import check_cu_seqlens
 
 SCALE_REWARDS = ("group", "batch", "none")
 GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 # Added to a standard deviation before dividing by it.
 STD_EPS = 1e-4
-
-
-def _f32(t: torch.Tensor) -> torch.Tensor:
-    """At least fp32 (fp64 stays fp64, so gradcheck can run on these ops)."""
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
 def _nanstd(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -230,19 +226,21 @@ def _same_shape(shape: torch.Size, **named: torch.Tensor | None) -> None:
             raise ValueError(f"{name} {tuple(t.shape)} must match logprobs {tuple(shape)}")
 
 
+def _flat(logprobs, old_logprobs, ref_logprobs, mask, beta):
+    """The per-token inputs as flat fp32 (at least) rows: the policy's log-probs, the old ones
+    (the policy's, detached, when None), the reference's (None when beta = 0) and the 0/1 mask."""
+    logp = _f32(logprobs).reshape(-1)
+    old = logp.detach() if old_logprobs is None else old_logprobs.detach().to(logp).reshape(-1)
+    ref = ref_logprobs.detach().to(logp).reshape(-1) if beta else None
+    m = torch.ones_like(logp) if mask is None else mask.to(device=logp.device, dtype=logp.dtype).reshape(-1)
+    return logp, old, ref, m
+
+
 def grpo_loss_packed(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor | None,
-    ref_logprobs: torch.Tensor | None,
-    advantages: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    mask: torch.Tensor | None = None,
-    epsilon: float = 0.2,
-    epsilon_high: float | None = None,
-    beta: float = 0.04,
-    loss_type: str = "grpo",
-    max_completion_length: int | None = None,
-    num_items_in_batch: float | torch.Tensor | None = None,
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, ref_logprobs: torch.Tensor | None,
+    advantages: torch.Tensor, cu_seqlens: torch.Tensor, mask: torch.Tensor | None = None, epsilon: float = 0.2,
+    epsilon_high: float | None = None, beta: float = 0.04, loss_type: str = "grpo",
+    max_completion_length: int | None = None, num_items_in_batch: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO's loss over flat tokens: ``(loss, metrics)``; see the module docstring.
 
@@ -254,7 +252,7 @@ def grpo_loss_packed(
     ``clip_ratio/high_mean``, ``clip_ratio/region_mean``, ``clip_ratio/low_min``,
     ``clip_ratio/high_max`` and, when ``beta != 0``, ``kl`` (detached 0-d tensors, this batch's).
     """
-    eps_low, eps_high = _check_options(loss_type, epsilon, epsilon_high, beta, ref_logprobs, max_completion_length)
+    eps = _check_options(loss_type, epsilon, epsilon_high, beta, ref_logprobs, max_completion_length)
     if logprobs.dim() != 1:
         raise ValueError(f"logprobs must be flat [M], got shape {tuple(logprobs.shape)}")
     _same_shape(logprobs.shape, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs if beta else None, mask=mask)
@@ -264,26 +262,16 @@ def grpo_loss_packed(
         raise ValueError(f"advantages {tuple(advantages.shape)} must be one per sequence: [S] = [{n_seq}], S >= 1")
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(device=logprobs.device, dtype=torch.long)
     seq = torch.repeat_interleave(torch.arange(n_seq, device=logprobs.device), lengths)
-    logp = _f32(logprobs)
-    m = torch.ones_like(logp) if mask is None else mask.to(device=logp.device, dtype=logp.dtype)
-    return _clipped_objective(
-        logp, logp.detach() if old_logprobs is None else old_logprobs.detach().to(logp),
-        None if not beta else ref_logprobs.detach().to(logp), advantages.to(logp).detach()[seq], m, seq, n_seq,
-        eps_low, eps_high, beta, loss_type, max_completion_length, num_items_in_batch,
-    )
+    logp, old, ref, m = _flat(logprobs, old_logprobs, ref_logprobs, mask, beta)
+    adv = advantages.detach().to(logp)[seq]
+    return _clipped_objective(logp, old, ref, adv, m, seq, n_seq, *eps, beta, loss_type, max_completion_length,
+                              num_items_in_batch)
 
 
 def grpo_loss(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor | None,
-    ref_logprobs: torch.Tensor | None,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    epsilon: float = 0.2,
-    epsilon_high: float | None = None,
-    beta: float = 0.04,
-    loss_type: str = "grpo",
-    max_completion_length: int | None = None,
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, ref_logprobs: torch.Tensor | None,
+    advantages: torch.Tensor, mask: torch.Tensor, epsilon: float = 0.2, epsilon_high: float | None = None,
+    beta: float = 0.04, loss_type: str = "grpo", max_completion_length: int | None = None,
     num_items_in_batch: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO's loss over a padded batch: ``(loss, metrics)``, TRL 1.16's ``_compute_loss`` math.
@@ -294,22 +282,19 @@ def grpo_loss(
     """
     if logprobs.dim() != 2:
         raise ValueError(f"logprobs must be [B, T], got shape {tuple(logprobs.shape)}")
-    eps_low, eps_high = _check_options(loss_type, epsilon, epsilon_high, beta, ref_logprobs, max_completion_length)
+    eps = _check_options(loss_type, epsilon, epsilon_high, beta, ref_logprobs, max_completion_length)
     _same_shape(logprobs.shape, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs if beta else None, mask=mask)
     B, T = logprobs.shape
     if advantages.shape not in ((B,), (B, T)):
         raise ValueError(f"advantages {tuple(advantages.shape)} must be [B] = [{B}] or [B, T] = [{B}, {T}]")
     if B < 1:
         raise ValueError("logprobs must hold at least one sequence")
-    logp = _f32(logprobs).reshape(-1)
-    adv = advantages.to(logp).detach()
+    logp, old, ref, m = _flat(logprobs, old_logprobs, ref_logprobs, mask, beta)
+    adv = advantages.detach().to(logp)
     adv = (adv[:, None] if adv.dim() == 1 else adv).expand(B, T).reshape(-1)
     seq = torch.arange(B, device=logp.device).repeat_interleave(T)
-    return _clipped_objective(
-        logp, logp.detach() if old_logprobs is None else old_logprobs.detach().to(logp).reshape(-1),
-        None if not beta else ref_logprobs.detach().to(logp).reshape(-1), adv, mask.to(logp).reshape(-1), seq, B,
-        eps_low, eps_high, beta, loss_type, max_completion_length, num_items_in_batch,
-    )
+    return _clipped_objective(logp, old, ref, adv, m, seq, B, *eps, beta, loss_type, max_completion_length,
+                              num_items_in_batch)
 
 
 def rloo_loss(
@@ -323,13 +308,11 @@ def rloo_loss(
     ``metrics``: ``clip_ratio/low_mean``, ``/high_mean``, ``/region_mean``, ``/low_min``,
     ``/high_max`` over the completions. The KL penalty lives in the rewards (``rloo_advantages``).
     """
-    eps_low, eps_high = _check_options("bnpo", epsilon, epsilon_high, 0.0, None, None)
+    eps = _check_options("bnpo", epsilon, epsilon_high, 0.0, None, None)
     if logps.dim() != 1 or logps.numel() < 1:
         raise ValueError(f"logps must be [S], S >= 1, got shape {tuple(logps.shape)}")
     _same_shape(logps.shape, old_logps=old_logps, advantages=advantages)
-    logp = _f32(logps)
+    logp, old, _, ones = _flat(logps, old_logps, None, None, 0.0)
     seq = torch.arange(logp.numel(), device=logp.device)
-    return _clipped_objective(
-        logp, old_logps.detach().to(logp), None, advantages.to(logp).detach(), torch.ones_like(logp), seq, logp.numel(),
-        eps_low, eps_high, 0.0, "bnpo", None, None,
-    )
+    return _clipped_objective(logp, old, None, advantages.detach().to(logp), ones, seq, logp.numel(), *eps, 0.0, "bnpo",
+                              None, None)

@@ -23,11 +23,9 @@ from __future__ import annotations
 
 import torch
 
+from .preference import _f32
+
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
-
-
-def _f32(t: torch.Tensor) -> torch.Tensor:
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
 def kto_kl(policy_KL_logps: torch.Tensor, reference_KL_logps: torch.Tensor) -> torch.Tensor:  # noqa: N803

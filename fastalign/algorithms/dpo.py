@@ -33,9 +33,11 @@ import torch
 from tqdm.auto import tqdm
 
 from fastalign.data import PackedBatch
+from fastalign.data.rows import TRUNCATION_MODES
 from fastalign.engine import TrainingConfig, distributed
 from fastalign.kernels import LOSS_TYPES, fused_preference_loss
 from fastalign.models import eval_mode, lm_head, load_model, packed_hidden, prepare_model, sequence_logprobs
+from fastalign.options import option
 
 from .launch import PACKED_KEYS, REF_MODEL_KEY, launch_packed
 from .pairs import PairTrainer
@@ -44,27 +46,28 @@ from .pairs import PairTrainer
 @dataclass
 class DPOConfig(TrainingConfig):
     learning_rate: float = 1e-6
-    beta: float = 0.1
-    loss_type: str = "sigmoid"
-    label_smoothing: float = 0.0
-    reference_free: bool = False
-    precompute_ref_log_probs: bool = False
-    average_log_prob: bool | None = None  # None: on for ipo only
-    max_length: int | None = 512
-    max_prompt_length: int | None = 128
-    truncation_mode: str = "keep_end"
-    drop_bad_pairs: bool = False  # False: a pair with chosen == rejected is an error naming the row
-    disable_dropout: bool = True
-    model_adapter_name: str | None = None
-    ref_adapter_name: str | None = None
-    discopop_tau: float = 0.05  # the discopop loss's temperature
+    beta: float = option(0.1, "the strength of the KL constraint to the reference (the implicit reward's scale)",
+                         gt=0)
+    loss_type: str = option("sigmoid", "the preference loss", choices=LOSS_TYPES)
+    label_smoothing: float = option(0.0, "the assumed fraction of flipped labels (cDPO, robust)", ge=0, lt=0.5)
+    reference_free: bool = option(False, "no reference model: every reference log-prob is 0")
+    precompute_ref_log_probs: bool = option(False, "compute the reference log-probs in one pass before training, "
+                                            "then free the reference")
+    average_log_prob: bool | None = option(None, "mean instead of summed completion log-probs (null: on for ipo "
+                                           "only)")
+    max_length: int | None = option(512, "tokens kept of prompt plus completion (null: all)", ge=1)
+    max_prompt_length: int | None = option(128, "tokens a prompt is cut to when a pair is too long", ge=1)
+    truncation_mode: str = option("keep_end", "which tokens a too-long prompt keeps", choices=TRUNCATION_MODES)
+    drop_bad_pairs: bool = option(False, "drop and count pairs whose chosen equals rejected (false: such a pair "
+                                  "is an error naming its row)")
+    disable_dropout: bool = option(True, "turn dropout off in the trained model")
+    model_adapter_name: str | None = option(None, "with PEFT: the adapter trained")
+    ref_adapter_name: str | None = option(None, "with PEFT: the adapter active for the reference (null: adapters "
+                                          "disabled)")
+    discopop_tau: float = option(0.05, "the discopop loss's temperature", gt=0)
 
     def __post_init__(self):
         super().__post_init__()
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}; got {self.loss_type!r}")
-        if not self.beta > 0:
-            raise ValueError(f"beta must be > 0, got {self.beta}")
         if self.average_log_prob is None:
             self.average_log_prob = self.loss_type == "ipo"
 

@@ -91,6 +91,7 @@ from fastalign.engine.checkpoint import Checkpointed, Checkpointer, hf_weights
 from fastalign.engine.metrics import MetricsLogger
 from fastalign.engine.trainer import LossPasses
 from fastalign.models import load_model, packed_logprobs, prepare_model, train_mode
+from fastalign.options import option
 
 # Token rows as step() takes them: a 2-D tensor, or a list of 1-D tensors or of id lists.
 Tokens = torch.Tensor | list
@@ -101,13 +102,8 @@ class IterativeSFTConfig(TrainingConfig):
     """The engine's options plus ``per_device_train_batch_size``: rows per mini-batch (an optimizer
     step every ``gradient_accumulation_steps`` of them), or None for one optimizer step per call."""
 
-    per_device_train_batch_size: int | None = None
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.per_device_train_batch_size is not None and self.per_device_train_batch_size < 1:
-            raise ValueError("per_device_train_batch_size must be >= 1 or None, got "
-                             f"{self.per_device_train_batch_size}")
+    per_device_train_batch_size: int | None = option(None, "rows per mini-batch (null: one optimizer step per "
+                                                     "call)", ge=1)
 
 
 @dataclass

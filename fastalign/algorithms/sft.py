@@ -19,9 +19,11 @@ from dataclasses import dataclass
 import torch
 
 from fastalign.data import PackedBatch, SFTEncoder, load_rows
+from fastalign.data.rows import TRUNCATION_MODES
 from fastalign.data.store import SFT_HALVES, TokenStore, token_data
 from fastalign.engine import Trainer, TrainingConfig, distributed
 from fastalign.models import load_model, packed_logprobs, prepare_model
+from fastalign.options import option
 
 from .launch import PACKED_KEYS, launch_packed
 
@@ -29,12 +31,15 @@ from .launch import PACKED_KEYS, launch_packed
 @dataclass
 class SFTConfig(TrainingConfig):
     learning_rate: float = 2e-5
-    dataset_text_field: str | None = None
-    max_length: int | None = 1024
-    truncation_mode: str = "keep_start"
-    packing: bool = True  # False: one sequence per micro-batch (still no padding)
-    completion_only_loss: bool = True
-    neftune_noise_alpha: float | None = None
+    dataset_text_field: str | None = option(None, "the column of plain text (null: text, prompt/completion, "
+                                            "messages or input_ids, whichever the rows hold)")
+    max_length: int | None = option(1024, "tokens kept of each sequence (null: all)", ge=1)
+    truncation_mode: str = option("keep_start", "which tokens a too-long sequence keeps", choices=TRUNCATION_MODES)
+    packing: bool = option(True, "pack sequences into micro-batches (false: one sequence per micro-batch, still "
+                           "no padding)")
+    completion_only_loss: bool = option(True, "no loss on prompt tokens and non-assistant turns")
+    neftune_noise_alpha: float | None = option(None, "NEFTune: noise of scale alpha/sqrt(L*d) on the input "
+                                               "embeddings while training (null: off)", ge=0)
 
 
 class SFTTrainer(Trainer):

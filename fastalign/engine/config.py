@@ -9,76 +9,71 @@ preference losses), so the step is the same whatever the split over devices and 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from fastalign.errors import ConfigError
+from fastalign.options import check_fields, option
 
 SCHEDULES = ("linear", "cosine", "constant")
 
 
 @dataclass
 class TrainingConfig:
-    output_dir: str = "runs/fastalign"
-    seed: int = 42
+    output_dir: str = option("runs/fastalign", "where checkpoints, metrics.jsonl, plots and the final model go")
+    seed: int = option(42, "seeds weights, shuffling, dropout and sampling", ge=0)
     # Optimisation: AdamW, a warmup then a linear/cosine decay (or constant), clipping.
-    learning_rate: float = 5e-5
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    lr_scheduler_type: str = "linear"
-    warmup_steps: int = 0
-    warmup_ratio: float = 0.0
-    max_grad_norm: float | None = 1.0
+    learning_rate: float = option(5e-5, "the peak learning rate, reached after the warmup", ge=0)
+    weight_decay: float = option(0.0, "AdamW's decoupled weight decay", ge=0)
+    adam_beta1: float = option(0.9, "AdamW's first-moment decay", ge=0, lt=1)
+    adam_beta2: float = option(0.999, "AdamW's second-moment decay", ge=0, lt=1)
+    adam_epsilon: float = option(1e-8, "AdamW's epsilon", ge=0)
+    lr_scheduler_type: str = option("linear", "the learning rate after the warmup", choices=SCHEDULES)
+    warmup_steps: int = option(0, "optimizer steps of linear warmup (wins over warmup_ratio)", ge=0)
+    warmup_ratio: float = option(0.0, "the warmup as a fraction of the run's steps", ge=0, le=1)
+    max_grad_norm: float | None = option(1.0, "clip the gradient to this norm (0 or null: no clipping)", ge=0)
     # Length of the run: max_steps > 0 wins over num_train_epochs.
-    num_train_epochs: int = 1
-    max_steps: int = -1
+    num_train_epochs: int = option(1, "passes over the training set", ge=0)
+    max_steps: int = option(-1, "optimizer steps of the run; -1 or 0: num_train_epochs decides", ge=-1)
     # Batching: packed micro-batches of at most this many tokens, per device.
-    max_tokens_per_batch: int = 4096
-    gradient_accumulation_steps: int = 1
-    shuffle: bool = True
+    max_tokens_per_batch: int = option(4096, "tokens per packed micro-batch and device (the batch size)", ge=2)
+    gradient_accumulation_steps: int = option(1, "micro-batches summed per optimizer step", ge=1)
+    shuffle: bool = option(True, "shuffle the packed micro-batches every epoch")
     # Data: tokenizing processes (None: every core for a large data set, one for a small one).
-    dataset_num_proc: int | None = None
+    dataset_num_proc: int | None = option(None, "tokenizing processes (null: every core, at most 8, from 20,000 "
+                                          "rows; one below)", ge=1)
     # A data set larger than memory: read it as a stream (a path or hub name given as the data set,
     # or a datasets.IterableDataset), tokenized and packed stream_window_rows rows at a time.
-    streaming: bool = False
-    stream_window_rows: int = 1024
+    streaming: bool = option(False, "read the training set as a stream (needs max_steps)")
+    stream_window_rows: int = option(1024, "rows tokenized and packed at a time when streaming", ge=1)
     # Precision and memory.
-    bf16: bool = False
-    gradient_checkpointing: bool = False
-    # Evaluation, checkpoints, logging (intervals in optimizer steps; None: never, 0 also never).
-    eval_steps: int | None = None
-    save_steps: int | None = None
-    save_total_limit: int | None = 2
-    resume_from_checkpoint: str | bool | None = None  # a checkpoint dir, or True for the latest in output_dir
+    bf16: bool = option(False, "bfloat16 autocast of the compute (weights stay in their dtype)")
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")
+    # Evaluation, checkpoints, logging (intervals in optimizer steps; None: never).
+    eval_steps: int | None = option(None, "evaluate every this many steps (null: only at the end)", ge=1)
+    save_steps: int | None = option(None, "save a checkpoint every this many steps (null: never)", ge=1)
+    save_total_limit: int | None = option(2, "checkpoints kept, the oldest removed first (null: all)", ge=1)
+    resume_from_checkpoint: str | bool | None = option(None, "a checkpoint folder to resume from, or true for the "
+                                                       "latest in output_dir")
     # A new run refuses an output_dir holding another run's checkpoints, model or metrics; True
     # deletes the old checkpoints first and starts anew there.
-    overwrite_output_dir: bool = False
-    logging_steps: int = 1
-    report_to: list[str] = field(default_factory=list)  # [] or ["tensorboard"]
-    disable_tqdm: bool = False
+    overwrite_output_dir: bool = option(False, "start anew in an output_dir that holds another run (its "
+                                        "checkpoints deleted first); false: such a folder is refused")
+    logging_steps: int = option(1, "log metrics every this many steps", ge=1)
+    report_to: list[str] = option([], "also report to: [tensorboard] or none")
+    disable_tqdm: bool = option(False, "no progress bar")
     # DeepSpeed: a JSON file, a dict of DeepSpeed config, or None for plain torch.
-    deepspeed: str | dict | None = None
+    deepspeed: str | dict | None = option(None, "DeepSpeed: a JSON file, a mapping ({stage: 3, offload_optimizer: "
+                                          "true}) or null for plain torch")
 
     def __post_init__(self):
         if isinstance(self.report_to, str):
             self.report_to = [] if self.report_to in ("none", "") else [self.report_to]
+        check_fields(self)
         unknown = set(self.report_to) - {"tensorboard"}
         if unknown:
-            raise ValueError(f"report_to: unknown {sorted(unknown)}; fastalign reports to 'tensorboard' or 'none'")
-        if self.lr_scheduler_type not in SCHEDULES:
-            raise ValueError(f"lr_scheduler_type must be one of {SCHEDULES}, got {self.lr_scheduler_type!r}")
-        checks = {
-            "learning_rate": self.learning_rate >= 0,
-            "gradient_accumulation_steps": self.gradient_accumulation_steps >= 1,
-            "max_tokens_per_batch": self.max_tokens_per_batch >= 2,
-            "num_train_epochs": self.num_train_epochs >= 1 or self.max_steps > 0,
-            "warmup_ratio": 0.0 <= self.warmup_ratio <= 1.0,
-            "logging_steps": self.logging_steps >= 1,
-            "dataset_num_proc": self.dataset_num_proc is None or self.dataset_num_proc >= 1,
-            "stream_window_rows": self.stream_window_rows >= 1,
-        }
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError("invalid " + ", ".join(f"{n}={getattr(self, n)!r}" for n in bad))
+            raise ConfigError(f"report_to: unknown {sorted(unknown)}; fastalign reports to 'tensorboard' or 'none'")
+        if self.num_train_epochs < 1 and self.max_steps <= 0:
+            raise ConfigError(f"num_train_epochs must be >= 1 when max_steps is not set, got {self.num_train_epochs}")
 
     @classmethod
     def field_names(cls) -> set[str]:

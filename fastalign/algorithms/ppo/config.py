@@ -7,6 +7,8 @@ import random
 from dataclasses import dataclass
 
 from fastalign.engine import TrainingConfig
+from fastalign.errors import ConfigError
+from fastalign.options import option
 
 KL_PENALTIES = ("kl", "abs", "mse", "full")
 
@@ -23,50 +25,41 @@ class PPOConfig(TrainingConfig):
     learning_rate: float = 1e-5
     max_grad_norm: float | None = None
     seed: int = 0
-    steps: int = 20000  # samples over the whole run (TRL's meaning): steps / batch_size PPO steps
+    steps: int = option(20000, "samples over the whole run (TRL's meaning): steps / batch_size PPO steps", ge=1)
     # KL penalty: adaptive (Ziegler et al.) or fixed coefficient, and its per-token estimator.
-    adap_kl_ctrl: bool = True
-    init_kl_coef: float = 0.2
-    kl_penalty: str = "kl"
-    target: float = 6.0
-    horizon: float = 10000.0
+    adap_kl_ctrl: bool = option(True, "adapt the KL coefficient toward target (false: fixed init_kl_coef)")
+    init_kl_coef: float = option(0.2, "the KL penalty's first (or fixed) coefficient", ge=0)
+    kl_penalty: str = option("kl", "the per-token KL estimator (full: exact over the vocabulary)",
+                             choices=KL_PENALTIES)
+    target: float = option(6.0, "the KL (nats per answer) the adaptive coefficient steers to", gt=0)
+    horizon: float = option(10000.0, "the adaptive controller's horizon, in samples", gt=0)
     # Advantages and the loss.
-    gamma: float = 1.0
-    lam: float = 0.95
-    cliprange: float = 0.2
-    cliprange_value: float = 0.2
-    vf_coef: float = 0.1
-    whiten_rewards: bool = False
+    gamma: float = option(1.0, "the discount of rewards along the answer", ge=0, le=1)
+    lam: float = option(0.95, "GAE's lambda", ge=0, le=1)
+    cliprange: float = option(0.2, "the policy ratio's clip range", gt=0)
+    cliprange_value: float = option(0.2, "the value prediction's clip range", gt=0)
+    vf_coef: float = option(0.1, "the value loss's weight", ge=0)
+    whiten_rewards: bool = option(False, "whiten the shaped rewards of each batch")
     # Batching.
-    batch_size: int = 256
-    mini_batch_size: int = 1
-    ppo_epochs: int = 4
+    batch_size: int = option(256, "samples per PPO step (per process)", ge=1)
+    mini_batch_size: int = option(1, "samples per mini-batch", ge=1)
+    ppo_epochs: int = option(4, "passes over each step's samples", ge=1)
     # Guards.
-    early_stopping: bool = False
-    target_kl: float = 1.0  # with early_stopping: stop the epoch once the policy KL exceeds 1.5 x this
-    ratio_threshold: float = 10.0  # skip a mini-batch whose mean ratio exceeds this
+    early_stopping: bool = option(False, "stop a step's passes once the policy KL exceeds 1.5 x target_kl")
+    target_kl: float = option(1.0, "the KL early_stopping stops at (times 1.5)", gt=0)
+    ratio_threshold: float = option(10.0, "skip a mini-batch whose mean policy ratio exceeds this", gt=0)
     # Scores.
-    use_score_scaling: bool = False
-    use_score_norm: bool = False
-    score_clip: float | None = None
+    use_score_scaling: bool = option(False, "divide scores by their running standard deviation")
+    use_score_norm: bool = option(False, "with use_score_scaling: also subtract their running mean")
+    score_clip: float | None = option(None, "clip scores to [-score_clip, score_clip] (null: no clipping)", gt=0)
 
     def __post_init__(self):
         super().__post_init__()
-        if self.kl_penalty not in KL_PENALTIES:
-            raise ValueError(f"kl_penalty must be one of {KL_PENALTIES}, got {self.kl_penalty!r}")
-        backward = self.mini_batch_size * self.gradient_accumulation_steps
-        if self.mini_batch_size < 1 or self.batch_size < 1 or self.batch_size % backward:
-            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of mini_batch_size x "
-                             f"gradient_accumulation_steps ({self.mini_batch_size} x {self.gradient_accumulation_steps})")
-        checks = {"ppo_epochs": self.ppo_epochs >= 1, "gamma": 0 <= self.gamma <= 1, "lam": 0 <= self.lam <= 1,
-                  "cliprange": self.cliprange > 0, "cliprange_value": self.cliprange_value > 0,
-                  "init_kl_coef": self.init_kl_coef >= 0, "target_kl": self.target_kl > 0,
-                  "score_clip": self.score_clip is None or self.score_clip > 0}
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError("invalid " + ", ".join(f"{n}={getattr(self, n)!r}" for n in bad))
+        if self.batch_size % self.backward_batch_size:
+            raise ConfigError(f"batch_size ({self.batch_size}) must be a multiple of mini_batch_size x "
+                              f"gradient_accumulation_steps ({self.mini_batch_size} x {self.gradient_accumulation_steps})")
         if self.use_score_norm and not self.use_score_scaling:
-            raise ValueError("use_score_norm centres scores as part of score scaling: set use_score_scaling=True too")
+            raise ConfigError("use_score_norm centres scores as part of score scaling: set use_score_scaling=True too")
 
     @property
     def backward_batch_size(self) -> int:

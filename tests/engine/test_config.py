@@ -1,0 +1,66 @@
+"""Config checks: every field of every config is checked for its type and range when the config is
+built (Python API and CLI alike), and a mistake is a ConfigError naming the key and the value."""
+
+import dataclasses
+import math
+
+import pytest
+
+from fastalign.algorithms import DDPOConfig, DPOConfig, IterativeSFTConfig, PPOConfig, RewardConfig, SFTConfig
+from fastalign.engine import TrainingConfig
+from fastalign.errors import ConfigError
+
+CONFIGS = [TrainingConfig, SFTConfig, RewardConfig, DPOConfig, PPOConfig, DDPOConfig, IterativeSFTConfig]
+
+
+@pytest.mark.parametrize("config_class", CONFIGS, ids=lambda c: c.__name__)
+def test_every_field_is_checked_for_its_type(config_class):
+    for field in dataclasses.fields(config_class):
+        with pytest.raises(ConfigError, match=rf"^{field.name} must be .*, got <object object"):
+            config_class(**{field.name: object()})
+
+
+@pytest.mark.parametrize("config_class, key, value", [
+    (SFTConfig, "max_grad_norm", -1.0),  # clipping would flip the gradient
+    (SFTConfig, "bf16", "maybe"),
+    (SFTConfig, "save_steps", -1),  # would save every step
+    (SFTConfig, "eval_steps", 0),
+    (SFTConfig, "logging_steps", 0),
+    (SFTConfig, "weight_decay", -0.1),
+    (SFTConfig, "learning_rate", math.nan),
+    (SFTConfig, "adam_beta2", 1.0),
+    (SFTConfig, "max_steps", 2.5),
+    (SFTConfig, "max_steps", True),  # a bool is not a count
+    (SFTConfig, "max_steps", "abc"),
+    (SFTConfig, "max_steps", -2),
+    (SFTConfig, "seed", "abc"),
+    (SFTConfig, "lr_scheduler_type", "zigzag"),
+    (SFTConfig, "truncation_mode", "middle"),
+    (SFTConfig, "report_to", [1]),
+    (SFTConfig, "deepspeed", 3),
+    (SFTConfig, "max_length", 0),
+    (RewardConfig, "center_rewards_coefficient", -1.0),
+    (DPOConfig, "label_smoothing", 0.7),
+    (DPOConfig, "average_log_prob", "yes please"),
+    (PPOConfig, "vf_coef", -1.0),
+    (PPOConfig, "kl_penalty", "k4"),
+    (PPOConfig, "score_clip", 0.0),
+    (DDPOConfig, "train_max_grad_norm", -1.0),
+    (DDPOConfig, "train_adam_weight_decay", -1e-4),
+    (DDPOConfig, "use_lora", "yes"),
+    (DDPOConfig, "num_checkpoint_limit", 0),
+    (IterativeSFTConfig, "per_device_train_batch_size", 2.5),
+])
+def test_a_bad_value_is_named_with_what_was_expected(config_class, key, value):
+    with pytest.raises(ConfigError) as err:
+        config_class(**{key: value})
+    message = str(err.value)
+    assert message.startswith(f"{key} must be ") and message.endswith(f", got {value!r}") and "\n" not in message
+
+
+def test_good_values_pass_and_keep_their_meaning():
+    config = SFTConfig(max_grad_norm=0, learning_rate=1, warmup_ratio=1, save_steps=None, report_to="tensorboard",
+                       deepspeed={"stage": 2}, resume_from_checkpoint=True, max_length=None)
+    assert config.max_grad_norm == 0 and config.learning_rate == 1 and config.report_to == ["tensorboard"]
+    assert DDPOConfig(report_to="tensorboard", resume_from="runs/x").report_to == ("tensorboard",)
+    assert DPOConfig(loss_type="ipo").average_log_prob is True

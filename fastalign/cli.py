@@ -1,25 +1,43 @@
 """The ``fastalign`` command.
 
-    fastalign train ALGO --config FILE [--key value ...]   train from a YAML config
-    fastalign demo [--output-dir DIR]                      the embedded end-to-end demo (CPU, ~80 s)
-    fastalign plot RUN_DIR                                 PNG curves of a run's metrics
+    fastalign train ALGO [--config FILE] [--key value ...]   train from a YAML config and overrides
+    fastalign train ALGO --help                             every key ALGO takes: type, default, help
+    fastalign demo [--output-dir DIR]                       the embedded end-to-end demo (CPU, ~80 s)
+    fastalign plot RUN_DIR                                  PNG curves of a run's metrics
 
 A config is a flat YAML mapping of the algorithm config's field names (``SFTConfig`` for sft,
-...) plus the run keys its trainer declares (``run_keys``: which model and data, ...). ``--key value`` overrides a
-key; values are read as YAML (``--bf16 true``, ``--report_to [tensorboard]``). An unknown key is
-an error that names it.
+...) plus the run keys its trainer declares (``run_keys``: which model and data, ...). ``--key
+value`` overrides a key; values are read as YAML (``--bf16 true``, ``--report_to [tensorboard]``)
+for the field's type, then checked with the config before anything loads. ``train`` prints the
+result as JSON and writes the curves into ``OUTPUT_DIR/plots``.
+
+A mistake in what was given (a key or value, a data row, a missing file) is one line, ``fastalign:
+error: ...``, and exit status 2; a failure while running is one line with the exception's type and
+status 1. ``--debug`` anywhere on the command line (or ``FASTALIGN_DEBUG=1``) adds the traceback
+and shows the deprecation warnings of the libraries fastalign runs on.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import difflib
+import functools
 import json
+import os
 import sys
+import textwrap
+import traceback
+import warnings
 from pathlib import Path
 
 import yaml
+
+from fastalign.errors import ConfigError, UsageError
+from fastalign.options import fits, specs
+
+# Libraries whose deprecation warnings are theirs to act on (one per process and call site, they
+# break the progress bar); shown with --debug.
+LIBRARIES = r"(torch|transformers|deepspeed|diffusers|datasets|peft|accelerate|huggingface_hub)(\.|$)"
 
 
 def algorithms() -> dict:
@@ -45,6 +63,35 @@ def run_keys(algo: str | None = None) -> dict:
     return keys
 
 
+class UsageExit(SystemExit):
+    """A usage error met by a Python caller of ``train`` or ``build_config``: exit status 2, and the
+    error line as its text."""
+
+    def __init__(self, error: Exception):
+        super().__init__(2)
+        self.line = error_line(error)
+
+    def __str__(self) -> str:
+        return self.line
+
+
+def _exiting(function):
+    """``function`` for Python callers: a usage error becomes a ``UsageExit``, as the command exits
+    on one (``function.__wrapped__`` raises the typed error)."""
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except UsageError as err:
+            raise UsageExit(err) from None
+    return wrapper
+
+
+def error_line(error: BaseException, with_type: bool = False) -> str:
+    text = f"{type(error).__name__}: {error}" if with_type else str(error)
+    return "fastalign: error: " + " ".join(text.split())
+
+
 def parse_overrides(items: list[str]) -> dict:
     """``["--lr", "1e-4", "--bf16", "--name=x"]`` -> ``{"lr": "1e-4", "bf16": "true", "name": "x"}``
     (values stay text until ``build_config`` reads them for their field)."""
@@ -52,7 +99,7 @@ def parse_overrides(items: list[str]) -> dict:
     while i < len(items):
         item = items[i]
         if not item.startswith("--") or len(item) == 2:
-            raise SystemExit(f"fastalign: expected --key value, got {item!r}")
+            raise ConfigError(f"expected --key value, got {item!r}")
         key = item[2:]
         if "=" in key:
             key, value = key.split("=", 1)
@@ -65,81 +112,99 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
-def _coerce(annotation: str, value, key: str):
-    """A value for a field annotated ``annotation``: text fields keep text, others read it as YAML.
-    Floats written like ``1e-5`` (text to YAML 1.1) become floats."""
-    if isinstance(value, str) and annotation.replace(" ", "") not in ("str", "str|None"):
-        value = yaml.safe_load(value) if value else value
-    if isinstance(value, str) and "float" in annotation:
+def _read(kind, text, key: str):
+    """A field's value from its text (an override, or a YAML string): read as YAML for the field's
+    annotation ``kind``, kept as text where the field takes text and YAML reads something else
+    (``--output_dir 007``); ``1e-5`` (text to YAML 1.1) read as a number."""
+    if not isinstance(text, str) or not text:
+        return text
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    if fits(value, kind):
+        return value
+    if fits(text, kind):
+        return text
+    if isinstance(value, str) and fits(1.0, kind):
         try:
-            value = float(value)
+            return float(value)
         except ValueError:
-            raise SystemExit(f"fastalign: {key} expects a number, got {value!r}") from None
-    return value
+            raise ConfigError(f"{key} expects a number, got {text!r}") from None
+    return value  # the config names what it expected
 
 
 def _run_value(key, value):
-    """A run key's value read for its kind: text stays text, the others are read as YAML."""
+    """A run key's value read for its kind (text stays text, the others are read as YAML), checked."""
     if key.kind is str:
         return value if value is None or isinstance(value, str) else str(value)
     if isinstance(value, str):
-        value = yaml.safe_load(value) if value else None
-    if value is None:
-        return None
-    if key.kind is list and isinstance(value, str):
-        value = [value]
-    if key.kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, key.kind) or (key.kind is int and isinstance(value, bool)):
-        raise SystemExit(f"fastalign: {key.name} expects {key.kind.__name__}, got {value!r}")
-    return value
+        try:
+            value = yaml.safe_load(value) if value else None
+        except yaml.YAMLError:
+            pass  # the check names the key and the text
+    return key.check(value)
 
 
+@_exiting
 def build_config(config_class, values: dict, keys: dict | None = None):
     """``(config, run)``: the algorithm config and the run keys (``keys``: name -> ``RunKey``, by
-    default every algorithm's); unknown keys are an error."""
+    default every algorithm's), each value read for its type and checked; unknown keys are an error."""
     keys = run_keys() if keys is None else keys
-    fields = {f.name: str(f.type) for f in dataclasses.fields(config_class)}
+    fields = {spec.name: spec.type for spec in specs(config_class)}
     unknown = sorted(set(values) - set(fields) - set(keys))
     if unknown:
         hints = []
         for key in unknown:
             close = difflib.get_close_matches(key, sorted(set(fields) | set(keys)), n=1)
             hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise SystemExit(f"fastalign: unknown config key(s) for {config_class.__name__}: {', '.join(hints)}")
-    options = {k: _coerce(fields[k], v, k) for k, v in values.items() if k in fields}
+        raise ConfigError(f"unknown config key(s) for {config_class.__name__}: {', '.join(hints)}")
     run = {k: _run_value(keys[k], v) for k, v in values.items() if k in keys}
-    try:
-        return config_class(**options), run
-    except (TypeError, ValueError) as err:
-        raise SystemExit(f"fastalign: {config_class.__name__}: {err}") from None
+    return config_class(**{k: _read(fields[k], v, k) for k, v in values.items() if k in fields}), run
 
 
 def load_config_file(path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise SystemExit(f"fastalign: config file {path} not found")
-    values = yaml.safe_load(path.read_text()) or {}
+        raise FileNotFoundError(f"{path}: no such config file")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
     if not isinstance(values, dict):
-        raise SystemExit(f"fastalign: {path} must hold a mapping of config keys")
+        raise ConfigError(f"{path} must hold a mapping of config keys, got {type(values).__name__}")
     return values
 
 
-def train(algo: str, config_path: str | None, overrides: list[str]) -> dict:
-    """Train ``algo`` from a config file and ``--key value`` overrides; prints and returns the result."""
-    from fastalign.errors import UsageError
+@_exiting
+def train(algo: str, config_path: str | None, overrides: list[str], plots: bool = False) -> dict:
+    """Train ``algo`` from a config file and ``--key value`` overrides; prints the result (on the main
+    process) and returns it; ``plots``: also writes the curves."""
+    from fastalign.engine import distributed
 
     config_class, trainer_class = algorithms()[algo]
     values = load_config_file(config_path) if config_path else {}
     values.update(parse_overrides(overrides))
     _check_owner(algo, values)
-    config, run = build_config(config_class, values, run_keys(algo))
-    try:
-        result = trainer_class.launch(config, run)
-    except UsageError as err:
-        raise SystemExit(f"fastalign: {err}") from None
-    print(json.dumps(result, indent=1))
+    config, run = build_config.__wrapped__(config_class, values, run_keys(algo))
+    result = trainer_class.launch(config, run)
+    if distributed.is_main():
+        print(json.dumps(result, indent=1))
+        if plots:
+            _plot(config.output_dir)
     return result
+
+
+def _plot(output_dir) -> None:
+    """The run's curves, or one line saying why there are none."""
+    from fastalign.engine.plot import plot_run
+
+    try:
+        written = plot_run(output_dir)
+    except (ImportError, FileNotFoundError) as err:
+        print(f"fastalign: no plots: {err}", file=sys.stderr)
+        return
+    print(f"fastalign: {len(written)} plots in {Path(output_dir) / 'plots'}", file=sys.stderr)
 
 
 def _check_owner(algo: str, values: dict) -> None:
@@ -149,27 +214,55 @@ def _check_owner(algo: str, values: dict) -> None:
     if foreign:
         owners = [name for name in algorithms() if name != algo and any(k in run_keys(name) for k in foreign)]
         listed = " and ".join(owners) if len(owners) < 3 else ", ".join(owners[:-1]) + " and " + owners[-1]
-        raise SystemExit(f"fastalign: {algo} takes no {', '.join(foreign)} (run key(s) that are for {listed}, not {algo})")
+        raise ConfigError(f"{algo} takes no {', '.join(foreign)} (run key(s) that are for {listed}, not {algo})")
 
 
-def main(argv=None) -> int:
+def keys_help(algo: str) -> str:
+    """Every key ``algo`` takes, config fields then run keys: type, default and help."""
+    def entry(name, kind, default, text, required=False):
+        head = f"  --{name}  {kind}" + (" (required)" if required else f", default: {json.dumps(default, default=str)}")
+        return head + "\n" + textwrap.fill(text, 100, initial_indent=" " * 6, subsequent_indent=" " * 6)
+
+    config_class, trainer_class = algorithms()[algo]
+    lines = [f"config keys ({config_class.__name__}):"]
+    lines += [entry(s.name, ", ".join(filter(None, [s.label, s.constraint])), s.default, s.help) for s in specs(config_class)]
+    lines.append("run keys (what to train: the model, the data, ...):")
+    for key in trainer_class.run_keys:
+        kind = key.kind.__name__ + (f", one of {', '.join(map(repr, key.choices))}" if key.choices else "")
+        lines.append(entry(key.name, kind, key.default, key.help, key.required))
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
     names = ", ".join(algorithms())
     parser = argparse.ArgumentParser(
-        prog="fastalign", description=f"Kernel-accelerated, padding-free alignment training. Algorithms: {names}.",
-    )
+        prog="fastalign", allow_abbrev=False,
+        description=f"Kernel-accelerated, padding-free alignment training. Algorithms: {names}.",
+        epilog="Exit status: 0 done, 2 a mistake in the config, data or paths given, 1 a failure while running.")
+    parser.add_argument("--debug", action="store_true", help="on a failure, the traceback too (also "
+                        "FASTALIGN_DEBUG=1); show the libraries' deprecation warnings; anywhere on the line")
     sub = parser.add_subparsers(dest="command", required=True)
-    p_train = sub.add_parser("train", help=f"train with one algorithm ({names})")
-    p_train.add_argument("algorithm", choices=sorted(algorithms()))
-    p_train.add_argument("--config", help="YAML file of config keys (see configs/)")
+    p_train = sub.add_parser("train", help=f"train with one algorithm ({names})", allow_abbrev=False)
+    per_algo = p_train.add_subparsers(dest="algorithm", required=True, metavar="ALGO")
+    for name, (config_class, _) in algorithms().items():
+        p_algo = per_algo.add_parser(name, help=f"{config_class.__name__} and the run keys", allow_abbrev=False,
+                                     epilog=keys_help(name), formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     usage=f"fastalign train {name} [--config FILE] [--key value ...]")
+        p_algo.add_argument("--config", help="YAML file of config keys (see configs/); --key value overrides one")
     p_demo = sub.add_parser("demo", help="the embedded demo: a tiny model learns to sort digits, then DDPO, on CPU")
     p_demo.add_argument("--output-dir", default="runs/demo")
     p_plot = sub.add_parser("plot", help="write PNG curves of RUN_DIR/metrics.jsonl into RUN_DIR/plots")
     p_plot.add_argument("run_dir")
+    return parser
+
+
+def _command(argv: list[str]) -> int:
+    parser = _parser()
     args, rest = parser.parse_known_args(argv)
     if args.command != "train" and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "train":
-        train(args.algorithm, args.config, rest)
+        train.__wrapped__(args.algorithm, args.config, rest, plots=True)
     elif args.command == "demo":
         from fastalign.demo import run_demo
 
@@ -180,6 +273,25 @@ def main(argv=None) -> int:
         for path in plot_run(args.run_dir):
             print(path)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``fastalign ARGV``: its exit status (0 done, 2 a usage error, 1 a failure while running)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("FASTALIGN_DEBUG", "0") not in ("", "0")
+    argv = [arg for arg in argv if arg != "--debug"]
+    with warnings.catch_warnings():
+        if not debug:
+            for category in (DeprecationWarning, FutureWarning):
+                warnings.filterwarnings("ignore", category=category, module=LIBRARIES)
+        try:
+            return _command(argv)
+        except Exception as err:
+            status = 2 if isinstance(err, (UsageError, FileNotFoundError)) else 1
+            if debug:
+                traceback.print_exc()
+            print(error_line(err, with_type=status == 1), file=sys.stderr)
+            return status
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from fastalign.engine import distributed
 from fastalign.errors import ConfigError
+from fastalign.options import describe
 
 if TYPE_CHECKING:
     import peft
@@ -25,20 +27,37 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class RunKey:
     """One run key: its ``name``, the ``kind`` of value (``str``, ``bool``, ``int``, ``float``,
-    ``list`` or ``dict``), a one-line ``help``, its ``default`` and whether a run must give it."""
+    ``list`` or ``dict``), a one-line ``help``, its ``default``, whether a run must give it and the
+    ``choices`` it takes, if only some."""
 
     name: str
     kind: type
     help: str
     default: object = None
     required: bool = False
+    choices: tuple = ()
+
+    def check(self, value):
+        """``value`` as this key takes it (an int for a float, a text alone for a list), or a
+        ``ConfigError`` naming the key; None is no value."""
+        if value is None:
+            return None
+        if self.kind is list and isinstance(value, str):
+            value = [value]
+        if self.kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, self.kind) or (self.kind is int and isinstance(value, bool)):
+            raise ConfigError(f"{self.name} must be {describe(self.kind)}, got {value!r}")
+        if self.choices and value not in self.choices:
+            raise ConfigError(f"{self.name} must be one of {', '.join(map(repr, self.choices))}, got {value!r}")
+        return value
 
 
 MODEL_KEYS = (
     RunKey("model_name_or_path", str, "a hub name, a local path, or a built-in (fastalign/tiny-llama, "
            "fastalign/tiny-qwen2)", required=True),
     RunKey("tokenizer_name_or_path", str, "the tokenizer; defaults to the model's"),
-    RunKey("dtype", str, "float32, bfloat16, float16 or auto (the checkpoint's)"),
+    RunKey("dtype", str, "the weights' dtype (auto: the checkpoint's)", choices=("float32", "bfloat16", "float16", "auto")),
     RunKey("trust_remote_code", bool, "run code shipped with the model", default=False),
 )
 DATA_KEYS = (
@@ -62,11 +81,13 @@ PACKED_KEYS = MODEL_KEYS + DATA_KEYS + EVAL_KEYS + PEFT_KEYS
 
 
 def defaults(keys: tuple[RunKey, ...], run: dict) -> dict:
-    """``run`` with the defaults of ``keys`` it does not set; a required key missing is an error."""
+    """``run`` checked and with the defaults of ``keys`` it does not set; a required key missing is
+    an error."""
     missing = [k.name for k in keys if k.required and run.get(k.name) in (None, "")]
     if missing:
         raise ConfigError(f"the config needs {' and '.join(missing)}")
-    return {**{k.name: k.default for k in keys}, **run}
+    given = {k.name: k.check(run[k.name]) for k in keys if k.name in run}
+    return {**{k.name: k.default for k in keys}, **run, **given}
 
 
 def peft_config(run: dict, task_type: str = "CAUSAL_LM") -> peft.LoraConfig | None:
@@ -90,7 +111,8 @@ def load_policy(trainer_class: type, run: dict) -> tuple[torch.nn.Module, object
     name = run["model_name_or_path"]
     tokenizer = load_tokenizer(run.get("tokenizer_name_or_path") or name)
     model, report = trainer_class.model_loader(name, **model_options(run))
-    print(f"fastalign: {name}: attention {report}", file=sys.stderr)
+    if distributed.is_main():
+        print(f"fastalign: {name}: attention {report}", file=sys.stderr)
     return model, tokenizer
 
 
@@ -122,5 +144,6 @@ def launch_packed(trainer_class: type, config: TrainingConfig, run: dict) -> dic
     trainer = trainer_class(model, args=config, train_dataset=train, eval_dataset=evals, tokenizer=tokenizer,
                             peft_config=peft_config(run, trainer_class.peft_task_type), **extra)
     for split, report in trainer.reports.items():
-        print(f"fastalign: {split} data: {report}", file=sys.stderr)
+        if distributed.is_main():
+            print(f"fastalign: {split} data: {report}", file=sys.stderr)
     return trainer.train()

@@ -21,6 +21,6 @@ def test_plot_writes_one_png_per_metric(tmp_path, capsys):
     assert "loss.png" in capsys.readouterr().out
 
 
-def test_plot_without_metrics_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="missing or empty"):
-        main(["plot", str(tmp_path)])
+def test_plot_without_metrics_is_a_clear_error(tmp_path, capsys):
+    assert main(["plot", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"fastalign: error: {tmp_path / 'metrics.jsonl'}: missing or empty, nothing to plot\n"

@@ -80,9 +80,9 @@ class DPOTrainer(TRLTrainer, native.DPOTrainer):
         hidden, self._hidden = self._hidden, None
         if hidden is not None:
             weight, bias = lm_head(self.model)
-            mean_logit = hidden.float() @ weight.float().mean(0)
+            mean_logit = hidden.float() @ weight.detach().float().mean(0)
             if bias is not None:
-                mean_logit = mean_logit + bias.float().mean()
+                mean_logit = mean_logit + bias.detach().float().mean()
             seq = batch.seq_index.to(hidden.device)
             per_seq = torch.zeros(batch.cu_seqlens.numel() - 1, device=hidden.device).index_add_(0, seq, mean_logit)
             per_seq = per_seq / (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).to(hidden.device)

@@ -40,8 +40,9 @@ GAME_ROWS = 16  # rows of each batch kept in game_log.jsonl
 class PPOTrainer(NativePPOTrainer):
     def __init__(self, config: PPOConfig | None = None, model=None, ref_model=None, tokenizer=None, dataset=None,
                  optimizer=None, data_collator=None, num_shared_layers=None, lr_scheduler=None, *, peft_config=None,
-                 reward_model=None):
+                 reward_model=None, train_dataset=None):
         config = config if config is not None else PPOConfig()
+        dataset = train_dataset if dataset is None else dataset  # TRL's PPO docs call it train_dataset
         lm = model.pretrained_model if isinstance(model, CausalLMWithValueHead) else model
         if getattr(getattr(lm, "config", None), "is_encoder_decoder", False):
             raise NotImplementedError("fastalign.trl: encoder-decoder models (T5, BART) are not supported yet; "

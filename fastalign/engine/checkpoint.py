@@ -25,8 +25,6 @@ import hashlib
 import json
 import math
 import os
-import pickle
-import random
 import re
 import shutil
 import sys
@@ -34,17 +32,23 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from fastalign.errors import CheckpointError
 from fastalign.models.loading import load_model_weights
 
 from . import distributed
+from .checkpoint_state import (
+    PLAIN_STATE_FILE,
+    STATE_FILE,
+    check_deepspeed_files,
+    load_trainer_state,
+    read_run,
+    rng_state,
+    set_rng_state,
+)
 from .metrics import METRICS_FILE
 
-STATE_FILE = "trainer_state.pt"
-PLAIN_STATE_FILE = "trainer_state.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 # What a run leaves in its output_dir besides checkpoints: its saved model (Hugging Face, PEFT,
 # diffusers, DDPO's LoRA file) and its metrics.
@@ -52,27 +56,6 @@ RUN_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model
              "pytorch_lora_weights.safetensors", METRICS_FILE)
 # The parts of a run a checkpoint must share with the run resuming it.
 MATCHED = ("model", "data")
-
-
-def rng_state() -> dict:
-    """Every random generator's state as tensors and plain values (numpy's as a tensor of its keys)."""
-    _, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-                       "cached_gaussian": float(cached)}}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    numpy = state["numpy"]
-    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
-                         numpy["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def checkpoints(output_dir) -> list[Path]:
@@ -201,42 +184,6 @@ def save_checkpoint(output_dir, step: int, weights: Weights, trainer_state: dict
     return final
 
 
-def read_run(checkpoint: Path) -> dict:
-    """``trainer_state.json`` of ``checkpoint``: its ``step`` and the ``run`` that wrote it."""
-    path = Path(checkpoint) / PLAIN_STATE_FILE
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: not a complete fastalign checkpoint ({err})") from None
-
-
-def load_tensors(path: Path):
-    """What ``torch.save`` wrote in ``path``, read with ``weights_only=True``: tensors and plain values
-    only, so nothing in the file runs."""
-    try:
-        return torch.load(path, weights_only=True)
-    except pickle.UnpicklingError as err:
-        found = re.search(r"GLOBAL ([\w.]+)", str(err))
-        what = f" ({found.group(1)})" if found else ""
-        raise CheckpointError(f"{path}: holds a Python object{what} where tensors and plain values were expected; "
-                              "fastalign runs no code from a checkpoint, so it is refused") from None
-    except (RuntimeError, EOFError) as err:
-        raise CheckpointError(f"{path}: cannot be read ({str(err).splitlines()[0]})") from None
-
-
-def load_trainer_state(checkpoint: Path) -> dict:
-    """The step, the run that wrote it (``run``), the optimizer and schedule states and this
-    process's RNG state (under ``"rng"``)."""
-    checkpoint = Path(checkpoint)
-    plain = read_run(checkpoint)
-    state = load_tensors(checkpoint / STATE_FILE)
-    rng = checkpoint / f"rng_rank{distributed.rank()}.pt"
-    if not rng.exists():
-        raise FileNotFoundError(f"{checkpoint} has no RNG state for process {distributed.rank()}: "
-                                "was it written by fewer processes?")
-    return {**state, "step": plain["step"], "run": plain.get("run", {}), "rng": load_tensors(rng)}
-
-
 def follow_schedule(scheduler) -> None:
     """Set the rates to ``scheduler``'s at its step (a ``LambdaLR``, as every fastalign schedule): a
     run resumed with another length goes on along its own schedule, not the checkpoint's end."""
@@ -332,6 +279,23 @@ class Checkpointer:
                 raise CheckpointError(f"{path} was written for another {key} ({run[key]}; this run's: {ours[key]}): "
                                       f"resume it with the {key} of its run, or start this run in another output_dir")
 
+    def read(self, path: Path) -> dict:
+        """Checkpoint ``path``'s state files read the safe way, DeepSpeed's too (each process reads
+        its own RNG state and its share of DeepSpeed's files); when any process refuses one, every
+        process raises, so none waits on the others."""
+        refused = None
+        try:
+            state = load_trainer_state(path)
+            if self.engine.deepspeed is not None:
+                if not (path / "deepspeed").is_dir():
+                    raise FileNotFoundError(f"{path} was written without DeepSpeed; it has no DeepSpeed optimizer states")
+                check_deepspeed_files(path / "deepspeed")
+        except (CheckpointError, FileNotFoundError) as err:
+            refused = err
+        if distributed.all_reduce_max(int(refused is not None), self.engine.device):
+            raise refused or CheckpointError(f"{path}: another process refused one of its files (its message names it)")
+        return state
+
     def resume(self, target: str | Path | bool) -> int:
         """Restore the checkpoint ``target`` (a folder, or True: the latest in ``output_dir``):
         weights, optimizer, schedule (set to this run's length at the checkpoint's step), RNG and
@@ -340,7 +304,7 @@ class Checkpointer:
         if path is None or not path.is_dir():
             raise FileNotFoundError(f"{self.resume_key}={target!r}: no checkpoint found (output_dir={self.output_dir})")
         self.check(path, read_run(path))
-        state = load_trainer_state(path)
+        state = self.read(path)
         engine = self.engine
         if engine.deepspeed is None:
             self.weights.load(path)
@@ -348,8 +312,6 @@ class Checkpointer:
             if engine.lr_scheduler is not None and state["scheduler"] is not None:
                 engine.lr_scheduler.load_state_dict(state["scheduler"])
         else:
-            if not (path / "deepspeed").is_dir():
-                raise FileNotFoundError(f"{path} was written without DeepSpeed; it has no DeepSpeed optimizer states")
             engine.deepspeed.load_checkpoint(str(path / "deepspeed"), tag="state")
         follow_schedule(engine.lr_scheduler)
         set_rng_state(state["rng"])

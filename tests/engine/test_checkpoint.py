@@ -159,3 +159,21 @@ def test_a_checkpoint_holding_code_is_refused_and_the_code_never_runs(tmp_path, 
         build(resume_from_checkpoint=str(path)).train()
     assert "\n" not in str(err.value)
     assert not marker.exists()
+
+
+def test_deepspeed_files_are_read_the_safe_way_before_deepspeed_reads_them(tmp_path):
+    pytest.importorskip("deepspeed")
+    from fastalign.engine.checkpoint_state import check_deepspeed_files, deepspeed_records
+    from fastalign.errors import CheckpointError
+
+    folder = tmp_path / "deepspeed" / "state"
+    folder.mkdir(parents=True)
+    stage, scaler = deepspeed_records()[:2]
+    torch.save({"zero_stage": stage(3), "loss_scaler": scaler(1.0), "state": {0: {"exp_avg": torch.ones(2)}}},
+               folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    check_deepspeed_files(folder.parent)  # DeepSpeed's own plain records are let through
+    marker = tmp_path / "code-ran"
+    torch.save({"module": _RunsCode(marker)}, folder / "mp_rank_00_model_states.pt")
+    with pytest.raises(CheckpointError, match="mp_rank_00_model_states.pt"):
+        check_deepspeed_files(folder.parent)
+    assert not marker.exists()

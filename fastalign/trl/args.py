@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import warnings
 from dataclasses import dataclass, field
 
@@ -93,6 +92,7 @@ class Mapped:
     push_to_hub: bool = False
     hub_model_id: str | None = None
     hub_token: str | None = None
+    logging_first_step: bool = False
 
 
 def accept_legacy_names() -> None:
@@ -195,6 +195,7 @@ def map_training_arguments(args, config_fields: set[str]) -> Mapped:
     out.rows = RowBudget(args.per_device_train_batch_size, args.per_device_eval_batch_size)
     out.push_to_hub, out.hub_model_id = bool(args.push_to_hub), args.hub_model_id
     out.hub_token = getattr(args, "hub_token", None)
+    out.logging_first_step = bool(getattr(args, "logging_first_step", False))
     out.fields = {k: v for k, v in f.items() if k in config_fields}
     return out
 
@@ -240,7 +241,7 @@ def _report_to(report_to) -> list[str]:
 
 def _eval_and_save(args, out: Mapped) -> dict:
     f = {}
-    strategy = str(_plain(getattr(args, "eval_strategy", "no")))
+    strategy = str(_plain(getattr(args, "evaluation_strategy", None) or getattr(args, "eval_strategy", "no")))
     if strategy == "steps":
         f["eval_steps"] = _interval("eval_steps", args.eval_steps or args.logging_steps)
     out.eval_per_epoch = strategy == "epoch"
@@ -269,7 +270,3 @@ def optimizer_for(name: str, args, model) -> object:
 def rows_to_tokens(rows: int, longest: int) -> int:
     """The token budget of a micro-batch of ``rows`` rows of at most ``longest`` tokens."""
     return max(2, rows * max(1, int(longest)))
-
-
-def ceil_div(a: int, b: int) -> int:
-    return math.ceil(a / b)

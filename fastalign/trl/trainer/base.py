@@ -96,7 +96,6 @@ class TRLTrainer:
         if trainer_kwargs.get("max_tokens_per_batch") is not None:
             mapped.rows.train = mapped.rows.eval = None  # a token budget given: it stands
         self._mapped = mapped
-        self._planning = "train"
         self.state = TrainerState()
         self.control = TrainerControl()
         return config, mapped
@@ -110,13 +109,13 @@ class TRLTrainer:
         return model, None, (optimizer_for(self._mapped.optimizer, self.training_args, model), optimizers[1])
 
     def plan(self, store):
-        """The native plan, with TRL's row counts turned into a token budget for this data set:
-        ``rows x its longest unit`` (a unit: a row, or a pair's two halves)."""
-        rows = self._mapped.rows.train if self._planning == "train" else self._mapped.rows.eval
+        """The native plan, with TRL's row count turned into a token budget for this data set:
+        ``per_device_train_batch_size x its longest unit`` (a unit: a row, or a pair's two halves).
+        Evaluation sets are planned the same way (their means are exact whatever the batches)."""
+        rows = self._mapped.rows.train
         if rows and len(store.kept):
             longest = int(store.lengths[store.kept].max())
             self.args.max_tokens_per_batch = rows_to_tokens(rows, longest)
-        self._planning = "eval"  # the native constructor plans the training set first
         return super().plan(store)
 
     def _after_init(self, callbacks=None, compute_metrics=None):
@@ -159,6 +158,8 @@ class TRLTrainer:
     def train_step(self, step: int) -> dict:
         self._hook_logger()
         metrics = trl_names(super().train_step(step))
+        if step == 0 and self._mapped.logging_first_step and self.args.logging_steps > 1 and self.logger is not None:
+            self.logger.log(1, metrics)  # TRL's logging_first_step; the first window still counts it
         self._callback("on_step_end")
         return metrics
 

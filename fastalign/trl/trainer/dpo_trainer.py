@@ -47,8 +47,6 @@ class DPOTrainer(TRLTrainer, native.DPOTrainer):
         if data_collator is not None and not isinstance(data_collator, DPODataCollatorWithPadding):
             raise ConfigError(f"data_collator={type(data_collator).__name__}: fastalign packs the pairs itself; give "
                               "rows with prompt, chosen and rejected")
-        if label_pad_token_id != -100:
-            raise ConfigError(f"label_pad_token_id={label_pad_token_id}: fastalign marks no-loss tokens with -100")
         model, tokenizer = resolve(model, tokenizer, model_init, model_init_kwargs, self.model_loader)
         if isinstance(ref_model, str) and ref_model_init_kwargs:
             ref_model = load_model(ref_model, **init_kwargs(ref_model_init_kwargs))[0]

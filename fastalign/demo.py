@@ -173,8 +173,9 @@ def _run(out: Path, settings: DemoSettings) -> dict:
           f"{len(train_rows)} SFT rows, {len(pairs)} preference pairs, {len(eval_rows)} held-out prompts and "
           f"{len(eval_pairs)} held-out pairs, run dir {out}")
     results = [_row("before training (random init)", sort_digits.evaluate(model, tokenizer, eval_rows), None)]
+    # The demo's run dir is its own: a rerun starts every stage anew (overwrite_output_dir).
     common = {"seed": s.seed, "lr_scheduler_type": "cosine", "max_tokens_per_batch": s.max_tokens_per_batch,
-              "logging_steps": 10}
+              "logging_steps": 10, "overwrite_output_dir": True}
 
     # Stage 1: SFT.
     sft_args = SFTConfig(output_dir=str(out / "sft"), learning_rate=s.sft_learning_rate, max_steps=s.sft_steps,
@@ -217,7 +218,7 @@ def _run(out: Path, settings: DemoSettings) -> dict:
     ppo_args = PPOConfig(output_dir=str(out / "ppo"), learning_rate=s.ppo_learning_rate, max_steps=s.ppo_steps,
                          batch_size=s.ppo_batch_size, mini_batch_size=s.ppo_mini_batch_size,
                          init_kl_coef=s.ppo_init_kl_coef, target=s.ppo_target_kl, horizon=s.ppo_horizon, seed=s.seed,
-                         max_tokens_per_batch=4 * s.max_tokens_per_batch, logging_steps=1)
+                         max_tokens_per_batch=4 * s.max_tokens_per_batch, logging_steps=1, overwrite_output_dir=True)
     prompts = [{"query": r["prompt"]} for r in train_rows[:s.ppo_prompts]]
     ppo = PPOTrainer(ppo_args, sft_model, tokenizer=tokenizer, dataset=prompts)
     max_new = sort_digits.MAX_DIGITS + 1
@@ -270,6 +271,7 @@ def _ddpo_stage(out: Path, s: DemoSettings) -> dict | None:
         mixed_precision="no", use_lora=False, sample_num_steps=s.ddpo_sampling_steps, sample_guidance_scale=1.0,
         sample_batch_size=8, sample_num_batches_per_epoch=s.ddpo_sample_batches, train_batch_size=8,
         train_gradient_accumulation_steps=s.ddpo_sample_batches, train_learning_rate=s.ddpo_learning_rate,
+        overwrite_output_dir=True,
     )
     trainer = DDPOTrainer(config, jpeg_compressibility, animal_prompt, tiny_diffusion_pipeline(64, seed=s.seed))
     prompts = [ANIMALS[i % len(ANIMALS)] for i in range(s.ddpo_eval_images)]

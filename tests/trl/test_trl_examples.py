@@ -70,14 +70,20 @@ def records(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
+def evaluation(folder: Path) -> dict:
+    """The last evaluation record of ``folder/metrics.jsonl``."""
+    return [r for r in records(folder) if "eval_loss" in r][-1]
+
+
 def test_sft_example(assets, tmp_path, run_script):
     path = trl_script("sft.py", tmp_path)
     out = tmp_path / "sft_out"
     run_script(path, "--model_name", assets / "tiny", "--dataset_name", assets / "guanaco", "--batch_size", 2,
                "--seq_length", 64, "--max_steps", 2, "--output_dir", out)
     logged = records(out)
-    assert [r["step"] for r in logged] == [1, 2]
+    assert [r["step"] for r in logged] == [1, 2, 2]  # two steps, then the run's summary
     assert {"loss", "learning_rate", "epoch"} <= set(logged[0])
+    assert {"train_runtime", "train_samples_per_second", "train_loss"} <= set(logged[-1])
     assert (out / "model.safetensors").exists() and (out / "config.json").exists()
 
 
@@ -90,7 +96,7 @@ def test_reward_modeling_example(assets, tmp_path, run_script):
                "--reward_config.report_to", "none", "--reward_config.logging_steps", 1)
     logged = records(out)
     assert {"loss", "learning_rate", "epoch"} <= set(logged[0])
-    assert "eval_accuracy" in logged[-1] and "eval_loss" in logged[-1]
+    assert {"eval_accuracy", "eval_loss", "eval_runtime"} <= set(evaluation(out))
 
 
 def test_dpo_example(assets, tmp_path, run_script):
@@ -102,7 +108,7 @@ def test_dpo_example(assets, tmp_path, run_script):
     names = {"loss", "learning_rate", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
              "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected"}
     assert names <= set(logged[0])
-    assert {f"eval_{n}" for n in ("loss", "rewards/accuracies", "logits/chosen")} <= set(logged[-1])
+    assert {f"eval_{n}" for n in ("loss", "rewards/accuracies", "logits/chosen")} <= set(evaluation(out))
     assert (out / "adapter_model.safetensors").exists()  # use_peft is the script's default
 
 

@@ -10,6 +10,7 @@ TensorBoard, ``state.log_history`` and the callbacks' ``on_log``.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -18,6 +19,8 @@ import torch
 from transformers import TrainerControl, TrainerState
 from transformers.trainer_utils import EvalPrediction, PredictionOutput, TrainOutput
 
+from fastalign.engine import distributed
+from fastalign.engine.metrics import METRICS_FILE
 from fastalign.errors import ConfigError
 from fastalign.models import prepare_model
 from fastalign.trl.args import Mapped, default_arguments, map_training_arguments, optimizer_for, rows_to_tokens
@@ -181,6 +184,9 @@ class TRLTrainer:
         self.state.global_step = self.global_step
         self.state.epoch = metrics["epoch"]
         self.state.log_history.append({**metrics, "step": self.global_step})
+        if distributed.is_main():  # transformers logs the run's summary like any record
+            with open(Path(self.args.output_dir) / METRICS_FILE, "a") as f:
+                f.write(json.dumps({"step": self.global_step, **metrics}) + "\n")
         self._callback("on_train_end")
         if self._mapped.push_to_hub:
             self.push_to_hub()
@@ -193,13 +199,13 @@ class TRLTrainer:
         """The evaluation set's (or ``eval_dataset``'s) exact means under TRL's names
         (``eval_loss``, ``eval_rewards/chosen``, ...), plus ``compute_metrics``' when given."""
         began = time.perf_counter()
-        saved = self.eval_batches
+        saved = batches = self.eval_batches
         if eval_dataset is not None:
-            self.eval_batches = self.make_batches(self._eval_store(eval_dataset))
+            batches = self.eval_batches = self.make_batches(self._eval_store(eval_dataset))
         try:
             out = trl_names(super().evaluate(), metric_key_prefix)
-            if self.compute_metrics is not None and self.eval_batches:
-                preds = self._predictions(self.eval_batches)
+            if self.compute_metrics is not None and batches:
+                preds = self._predictions(batches)
                 extra = self.compute_metrics(EvalPrediction(predictions=preds, label_ids=np.zeros(len(preds))))
                 out.update({f"{metric_key_prefix}_{k}": v for k, v in extra.items()})
         finally:
@@ -207,6 +213,8 @@ class TRLTrainer:
         if out:
             seconds = time.perf_counter() - began
             out[f"{metric_key_prefix}_runtime"] = seconds
+            out[f"{metric_key_prefix}_samples_per_second"] = len(batches.store.kept) / seconds
+            out[f"{metric_key_prefix}_steps_per_second"] = len(batches) / seconds
             if self.logger is None:  # called by hand: record it like transformers does
                 self._on_log(self.global_step, out)
             self._callback("on_evaluate", metrics=out)

@@ -7,9 +7,9 @@ mean over the vocabulary and over each chosen sequence's tokens, ``h . mean(W) +
 final hidden states, averaged over pairs (TRL's mean also counts its padding positions).
 
 Where TRL 0.7.10 has known bugs fastalign keeps its own, correct behaviour: ``ipo`` averages
-log-probs over tokens (TRL's NaN with empty completions cannot happen: a pair with no completion
-token is refused), ``reference_free=True`` runs without any reference model (TRL crashes without
-one), and ``max_length`` cuts each pair, never a whole batch.
+log-probs over the completion tokens with a guard (a sequence with none averages to 0, where TRL's
+mean turns NaN), ``reference_free=True`` (a keyword here) runs without any reference model (TRL
+still needs one and crashes without), and ``max_length`` cuts each pair, never a whole batch.
 """
 
 from __future__ import annotations

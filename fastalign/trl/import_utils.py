@@ -3,36 +3,27 @@
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 
 import torch
 
 
-def _installed(name: str) -> bool:
-    return importlib.util.find_spec(name) is not None
+def _installed(package: str) -> Callable[[], bool]:
+    """``is_<package>_available``: whether ``package`` can be imported."""
+
+    def available() -> bool:
+        return importlib.util.find_spec(package) is not None
+
+    available.__name__ = f"is_{package}_available"
+    return available
 
 
-def is_peft_available() -> bool:
-    return _installed("peft")
-
-
-def is_diffusers_available() -> bool:
-    return _installed("diffusers")
-
-
-def is_wandb_available() -> bool:
-    return _installed("wandb")
-
-
-def is_bitsandbytes_available() -> bool:
-    return _installed("bitsandbytes")
-
-
-def is_unsloth_available() -> bool:
-    return _installed("unsloth")
-
-
-def is_rich_available() -> bool:
-    return _installed("rich")
+is_peft_available = _installed("peft")
+is_diffusers_available = _installed("diffusers")
+is_wandb_available = _installed("wandb")
+is_bitsandbytes_available = _installed("bitsandbytes")
+is_unsloth_available = _installed("unsloth")
+is_rich_available = _installed("rich")
 
 
 def is_torch_greater_2_0() -> bool:

@@ -15,32 +15,14 @@ class AcceleratorView:
     def __init__(self, device: torch.device, log=None):
         self.device = device
         self._log = log
+        self.num_processes = distributed.world_size()
+        self.process_index = distributed.rank()
+        self.local_process_index = distributed.local_rank()
+        self.is_main_process = distributed.is_main()
+        self.is_local_main_process = self.local_process_index == 0
+        self.use_distributed = self.num_processes > 1
         self.state = SimpleNamespace(deepspeed_plugin=None, device=device, num_processes=self.num_processes)
         self.trackers = []
-
-    @property
-    def num_processes(self) -> int:
-        return distributed.world_size()
-
-    @property
-    def process_index(self) -> int:
-        return distributed.rank()
-
-    @property
-    def local_process_index(self) -> int:
-        return distributed.local_rank()
-
-    @property
-    def is_main_process(self) -> bool:
-        return distributed.is_main()
-
-    @property
-    def is_local_main_process(self) -> bool:
-        return distributed.local_rank() == 0
-
-    @property
-    def use_distributed(self) -> bool:
-        return self.num_processes > 1
 
     def unwrap_model(self, model, keep_fp32_wrapper: bool = True):
         return getattr(model, "module", model)  # a DeepSpeed engine holds the model as .module

@@ -63,17 +63,9 @@ class PPOConfig(NativePPOConfig):
         if mixed_precision(self.accelerator_kwargs, "PPOConfig"):
             self.bf16 = True
         super().__post_init__()
-
-    @property
-    def world_size(self) -> int:
         from fastalign.engine import distributed
 
-        return distributed.world_size()
-
-    @property
-    def global_batch_size(self) -> int:
-        return self.batch_size * self.world_size
-
-    @property
-    def global_backward_batch_size(self) -> int:
-        return self.backward_batch_size * self.world_size
+        # TRL's derived sizes (read-only there too): samples per step and per optimizer step, all processes.
+        self.world_size = distributed.world_size()
+        self.global_batch_size = self.batch_size * self.world_size
+        self.global_backward_batch_size = self.backward_batch_size * self.world_size

@@ -16,6 +16,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 MIRROR = Path("/work/.mirror/huggingface+trl/repo")
 TAG = "v0.7.10"
@@ -78,8 +79,10 @@ def evaluation(folder: Path) -> dict:
 def test_sft_example(assets, tmp_path, run_script):
     path = trl_script("sft.py", tmp_path)
     out = tmp_path / "sft_out"
-    run_script(path, "--model_name", assets / "tiny", "--dataset_name", assets / "guanaco", "--batch_size", 2,
-               "--seq_length", 64, "--max_steps", 2, "--output_dir", out)
+    g = run_script(path, "--model_name", assets / "tiny", "--dataset_name", assets / "guanaco", "--batch_size", 2,
+                   "--seq_length", 64, "--max_steps", 2, "--output_dir", out)
+    store = g["trainer"].train_batches.store
+    assert g["trainer"].args.max_tokens_per_batch == 2 * int(store.lengths.max())  # batch_size 2: rows, packed
     logged = records(out)
     assert [r["step"] for r in logged] == [1, 2, 2]  # two steps, then the run's summary
     assert {"loss", "learning_rate", "epoch"} <= set(logged[0])
@@ -102,8 +105,12 @@ def test_reward_modeling_example(assets, tmp_path, run_script):
 def test_dpo_example(assets, tmp_path, run_script):
     path = trl_script("dpo.py", tmp_path, {"HH_PATH": assets / "hh"})
     out = tmp_path / "dpo_out"
-    run_script(path, "--model_name_or_path", assets / "tiny", "--max_steps", 2, "--per_device_train_batch_size", 2,
-               "--output_dir", out, "--max_length", 128, "--max_prompt_length", 64, "--report_to", "none")
+    g = run_script(path, "--model_name_or_path", assets / "tiny", "--max_steps", 2, "--per_device_train_batch_size", 2,
+                   "--output_dir", out, "--max_length", 128, "--max_prompt_length", 64, "--report_to", "none")
+    trainer = g["dpo_trainer"]
+    assert isinstance(trainer.engine.optimizer, torch.optim.RMSprop)  # the script's optim="rmsprop"
+    assert trainer.is_peft and trainer.ref_model is None  # LoRA: the reference is the model, adapters off
+    assert trainer.args.warmup_steps == 150 and trainer.args.learning_rate == 1e-3
     logged = records(out)
     names = {"loss", "learning_rate", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
              "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected"}

@@ -10,6 +10,9 @@
   returning a list of strings; ``packing=False``, TRL's default) or on one row (returning a string).
 - The loss is on every token of a row (TRL's default collator), or only after the response
   template with ``data_collator=DataCollatorForCompletionOnlyLM(...)``.
+- A text row ends with the end-of-sequence token, so the model learns to stop (TRL's unpacked
+  rows end without one unless the tokenizer adds it); rows read through
+  ``DataCollatorForCompletionOnlyLM`` are tokenized as TRL tokenizes them, without it.
 """
 
 from __future__ import annotations

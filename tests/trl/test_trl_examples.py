@@ -96,10 +96,11 @@ def test_reward_modeling_example(assets, tmp_path, run_script):
     run_script(path, "--model_name", assets / "tiny", "--dataset_name", assets / "hh", "--eval_split", "test",
                "--reward_config.output_dir", out, "--reward_config.max_steps", 2,
                "--reward_config.per_device_train_batch_size", 2, "--reward_config.gradient_accumulation_steps", 1,
-               "--reward_config.report_to", "none", "--reward_config.logging_steps", 1)
+               "--reward_config.logging_steps", 1)  # the script's report_to="tensorboard" stays
     logged = records(out)
     assert {"loss", "learning_rate", "epoch"} <= set(logged[0])
     assert {"eval_accuracy", "eval_loss", "eval_runtime"} <= set(evaluation(out))
+    assert list((out / "tensorboard").glob("events.*"))
 
 
 def test_dpo_example(assets, tmp_path, run_script):

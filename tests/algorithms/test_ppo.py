@@ -10,7 +10,7 @@ import torch
 
 from fastalign.algorithms import LengthSampler, PPOConfig, PPOTrainer
 from fastalign.data import Sequence, pack
-from fastalign.errors import CheckpointError, ConfigError
+from fastalign.errors import ConfigError
 from fastalign.kernels.rl import RunningMoments
 from fastalign.models import CausalLMWithValueHead, as_reward_model
 from fastalign.models.tiny import char_tokenizer, tiny_model
@@ -522,20 +522,6 @@ def test_steps_by_hand_count_in_checkpoints_and_train(tmp_path):
     for k, v in weights(live.model).items():
         torch.testing.assert_close(weights(resumed.model)[k], v, rtol=0, atol=0, msg=k)
     assert live.train(digit_reward)["steps"] == 0  # the run's max_steps are done: raise it to go on
-
-
-def test_a_new_run_into_a_used_output_dir_is_refused(tmp_path):
-    def build(**options):
-        config = PPOConfig(batch_size=8, mini_batch_size=4, ppo_epochs=1, max_steps=1, output_dir=str(tmp_path),
-                           disable_tqdm=True, **options)
-        return PPOTrainer(config, small(), tokenizer=char_tokenizer(), dataset=rows())
-
-    build().train(digit_reward, {"max_new_tokens": 4})
-    logged = (tmp_path / "metrics.jsonl").read_text()
-    with pytest.raises(CheckpointError, match="overwrite_output_dir"):
-        build().train(digit_reward, {"max_new_tokens": 4})
-    assert (tmp_path / "metrics.jsonl").read_text() == logged
-    assert build(overwrite_output_dir=True).train(digit_reward, {"max_new_tokens": 4})["steps"] == 1
 
 
 def test_bad_samples_name_the_sample(tmp_path):

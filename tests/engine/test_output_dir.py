@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from fastalign.algorithms import SFTConfig, SFTTrainer
+from fastalign.algorithms import PPOConfig, PPOTrainer, SFTConfig, SFTTrainer
 from fastalign.engine import checkpoint as ckpt
 from fastalign.engine.metrics import read_metrics
 from fastalign.errors import CheckpointError
@@ -94,3 +94,21 @@ def test_a_longer_resumed_run_follows_its_own_schedule_and_names_its_checkpoint(
     resumed = {r["step"]: r["lr"] for r in read_metrics(short) if "lr" in r and r["step"] > 4}
     assert resumed == {step: rates[step] for step in range(5, 9)}  # the 8-step schedule from step 5 on
     assert all(rate > 0 for rate in resumed.values())
+
+
+def test_a_new_ppo_run_into_a_used_output_dir_is_refused(tmp_path):
+    prompts = [{"query": f"{a} {b}="} for a in range(4) for b in range(4)]
+
+    def train(**options):
+        config = PPOConfig(batch_size=8, mini_batch_size=4, ppo_epochs=1, max_steps=1, output_dir=str(tmp_path),
+                           disable_tqdm=True, **options)
+        model = tiny_model("llama", hidden_size=32, layers=1, heads=2, seed=1)
+        trainer = PPOTrainer(config, model, tokenizer=char_tokenizer(), dataset=prompts)
+        return trainer.train(lambda queries, responses: [float(len(r)) for r in responses], {"max_new_tokens": 4})
+
+    train()
+    logged = (tmp_path / "metrics.jsonl").read_text()
+    with pytest.raises(CheckpointError, match="overwrite_output_dir"):
+        train()
+    assert (tmp_path / "metrics.jsonl").read_text() == logged
+    assert train(overwrite_output_dir=True)["steps"] == 1

@@ -42,6 +42,7 @@ from .checkpoint_state import (
     PLAIN_STATE_FILE,
     STATE_FILE,
     check_deepspeed_files,
+    check_plain,
     load_trainer_state,
     read_run,
     rng_state,
@@ -254,7 +255,9 @@ class Checkpointer:
         else:  # DeepSpeed keeps the (sharded) optimizer and the schedule in its own checkpoint
             state, full = {}, distributed.full_state_dict(self.engine)
             extra = lambda tmp: ds.save_checkpoint(str(tmp / "deepspeed"), tag="state")  # noqa: E731
-        state.update(self.state())
+        own = self.state()
+        check_plain(own, "the trainer's state")
+        state.update(own)
         self.last_saved = save_checkpoint(self.output_dir, step, self.weights, state, self.save_total_limit,
                                           state_dict=full, write_extra=extra, run=self.run())
         return self.last_saved

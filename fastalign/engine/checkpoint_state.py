@@ -9,6 +9,7 @@ unpickling, so they are read here first the same way (with DeepSpeed's plain rec
 
 from __future__ import annotations
 
+import io
 import json
 import pickle
 import random
@@ -62,12 +63,29 @@ def load_tensors(path: Path, map_location=None):
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        found = re.search(r"GLOBAL ([\w.]+)", str(err))
-        what = f" ({found.group(1)})" if found else ""
-        raise CheckpointError(f"{path}: holds a Python object{what} where tensors and plain values were expected; "
-                              "fastalign runs no code from a checkpoint, so it is refused") from None
+        raise CheckpointError(f"{path}: holds a Python object{_named(err)} where tensors and plain values were "
+                              "expected; fastalign runs no code from a checkpoint, so it is refused") from None
     except (RuntimeError, EOFError) as err:
         raise CheckpointError(f"{path}: cannot be read ({str(err).splitlines()[0]})") from None
+
+
+def check_plain(state: dict, what: str) -> None:
+    """Refuse to save ``state`` (``what`` names it) unless it reads back with ``weights_only=True``:
+    no checkpoint is written that a resume would refuse."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    try:
+        torch.load(buffer, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise TypeError(f"{what} holds a Python object{_named(err)} a checkpoint cannot keep: give tensors and "
+                        "plain values (numbers, strings, lists, tuples, dicts)") from None
+
+
+def _named(err: pickle.UnpicklingError) -> str:
+    """The object ``weights_only`` refused, as `` (module.name)``, from its message."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(err))
+    return f" ({found.group(1)})" if found else ""
 
 
 def load_trainer_state(checkpoint: Path) -> dict:

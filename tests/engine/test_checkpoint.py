@@ -177,3 +177,18 @@ def test_deepspeed_files_are_read_the_safe_way_before_deepspeed_reads_them(tmp_p
     with pytest.raises(CheckpointError, match="mp_rank_00_model_states.pt"):
         check_deepspeed_files(folder.parent)
     assert not marker.exists()
+
+
+def test_a_trainer_state_a_resume_would_refuse_is_never_saved(tmp_path):
+    import numpy as np
+
+    from fastalign.algorithms import SFTConfig, SFTTrainer
+    from fastalign.models.tiny import char_tokenizer
+
+    trainer = SFTTrainer(tiny_model("llama", hidden_size=32, layers=1, heads=2), tokenizer=char_tokenizer(),
+                         args=SFTConfig(output_dir=str(tmp_path), disable_tqdm=True, max_steps=2),
+                         train_dataset=[{"text": "hello"}])
+    trainer.checkpointer.state = lambda: {"tracker": {"cat": [np.float64(0.5)]}}  # numpy's, not a plain float
+    with pytest.raises(TypeError, match="numpy"):
+        trainer.save_checkpoint()
+    assert ckpt.checkpoints(tmp_path) == []

@@ -3,6 +3,7 @@
 
 from .ddpo import DDPOConfig, DDPOTrainer
 from .dpo import DPOConfig, DPOTrainer
+from .grpo import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 from .iterative_sft import IterativeSFTConfig, IterativeSFTTrainer
 from .ppo import LengthSampler, PPOConfig, PPOTrainer, create_reference_model
 from .reward import RewardConfig, RewardTrainer
@@ -12,3 +13,5 @@ __all__ = ["ALGORITHMS", "DDPOConfig", "DDPOTrainer", "DPOConfig", "DPOTrainer",
 
 ALGORITHMS = {"sft": (SFTConfig, SFTTrainer), "reward": (RewardConfig, RewardTrainer), "dpo": (DPOConfig, DPOTrainer),
               "ppo": (PPOConfig, PPOTrainer), "ddpo": (DDPOConfig, DDPOTrainer)}
+__all__ += ["GRPOConfig", "GRPOTrainer", "RLOOConfig", "RLOOTrainer"]
+ALGORITHMS.update(grpo=(GRPOConfig, GRPOTrainer), rloo=(RLOOConfig, RLOOTrainer))

@@ -25,19 +25,19 @@ class GroupConfig(TrainingConfig):
 
     learning_rate: float = 1e-6
     # Batching, in completions.
-    per_device_train_batch_size: int = option(8, "completions per process and micro-step (packed into rows of at "
+    per_device_train_batch_size: int = option(8, "completions per process and micro step (packed into rows of at "
                                               "most max_tokens_per_batch tokens)", ge=1)
     num_generations: int = option(8, "completions sampled per prompt (the group)", ge=2)
     generation_batch_size: int | None = option(None, "completions per generation over all processes (null: "
                                                "per_device_train_batch_size x processes x steps_per_generation)", ge=1)
-    steps_per_generation: int | None = option(None, "micro-steps each generation serves (null: "
+    steps_per_generation: int | None = option(None, "micro steps each generation serves (null: "
                                               "gradient_accumulation_steps)", ge=1)
     shuffle_dataset: bool = option(True, "shuffle the prompts every epoch")
     # Prompts and generation.
     max_prompt_length: int | None = option(None, "keep the last this many tokens of each prompt (null: the whole "
                                            "prompt; TRL before 0.25 cut at 512)", ge=1)
     max_completion_length: int = option(512, "new tokens at most per completion", ge=1)
-    temperature: float = option(1.0, "sampling temperature (log-probs are taken at it too)", gt=0)
+    temperature: float = option(1.0, "sampling temperature (the log probabilities are taken at it too)", gt=0)
     top_p: float = option(1.0, "nucleus sampling: the smallest set of tokens holding this probability", gt=0, le=1)
     top_k: int = option(0, "sample from the k most likely tokens (0: all)", ge=0)
     min_p: float | None = option(None, "drop tokens less likely than min_p x the most likely one (null: off)",
@@ -49,7 +49,7 @@ class GroupConfig(TrainingConfig):
     disable_dropout: bool = option(False, "turn dropout off in the trained model")
     # The objective.
     beta: float = option(0.0, "KL coefficient to the reference (0: no reference model is built)", ge=0)
-    num_iterations: int = option(1, "updates per generation (mu): each reuses it with the log-probs of the policy "
+    num_iterations: int = option(1, "updates per generation (mu): each reuses it with the log probabilities of the policy "
                                  "that sampled it", ge=1)
     epsilon: float = option(0.2, "the ratio's lower clip: 1 - epsilon", ge=0, lt=1)
     epsilon_high: float | None = option(None, "the ratio's upper clip: 1 + epsilon_high (null: epsilon; DAPO "
@@ -99,7 +99,7 @@ class GRPOConfig(GroupConfig):
     scale_rewards: str = option("group", "divide advantages by the std of the group, of the batch, or none",
                                 choices=SCALE_REWARDS)
     loss_type: str = option("dapo", "how token losses are averaged: grpo (per sequence, then over sequences), "
-                            "bnpo (over the micro-batch's tokens), dr_grpo (over sequences x max_completion_length), "
+                            "bnpo (over each micro batch's tokens), dr_grpo (over sequences x max_completion_length), "
                             "dapo (over the generation's tokens)", choices=GRPO_LOSS_TYPES)
 
 
@@ -109,7 +109,7 @@ class RLOOConfig(GroupConfig):
     names and defaults (``num_generations`` 2, ``beta`` 0.05 in the reward)."""
 
     num_generations: int = 2
-    beta: float = option(0.05, "KL coefficient: beta x the completion's summed log-ratio to the reference is taken "
+    beta: float = option(0.05, "KL coefficient: beta x the completion's summed log ratio to the reference is taken "
                          "from its reward (0: no reference model is built)", ge=0)
     normalize_advantages: bool = option(False, "normalise the advantages over each generation (mean 0, std 1)")
     reward_clip_range: list[float] | None = option(None, "clip rewards to [min, max] (null: no clipping)")

@@ -64,6 +64,7 @@ class GroupTrainer(Checkpointed):
         set_seed(args.seed)
         if train_dataset is None:
             raise ValueError(f"{type(self).__name__} needs a train_dataset of prompts")
+        self.rewards = RewardFunctions.of(reward_funcs, args.reward_weights, lambda name: load_reward_model(name)[0])
         model, tokenizer, self.attention = prepare_model(model, processing_class or tokenizer, peft_config,
                                                          self.model_loader)
         if tokenizer.pad_token_id is None:
@@ -90,7 +91,6 @@ class GroupTrainer(Checkpointed):
         self.engine = Engine(model, args, self.num_training_steps, *optimizers)
         self.optimizer = self.engine.optimizer
         self.ref_model = None if reference is None else distributed.wrap_for_inference(reference, self.engine)
-        self.rewards = RewardFunctions.of(reward_funcs, args.reward_weights, lambda name: load_reward_model(name)[0])
         for i in self.rewards.models:
             self.rewards.funcs[i] = distributed.wrap_for_inference(self.rewards.funcs[i], self.engine)
         zero3 = self.engine.zero_stage == 3

@@ -12,7 +12,9 @@ pairs) has
     {half}mask    list<uint8>  the loss mask (0/1) where a prefix does not say it (chat turns, labels), else empty
 
 and each row ``truncated`` (bool), ``loss`` (int32, its loss tokens: an SFT micro-batch's weight)
-and, for pairs, ``margin`` (float64, null where the row has none).
+and, for pairs, ``margin`` (float64, null where the row has none). An encoder adds its own columns
+with an ``extra_features`` mapping: unpaired rows (KTO) a ``label`` (bool), which makes a row
+weigh 1 and goes with its sequence into the packed batch (``extras["label"]``).
 
 A second run with the same rows, tokenizer and settings finds the cache (``datasets`` fingerprints
 the data set and the tokenizing function) and skips the tokenizer. Under several processes the
@@ -47,8 +49,8 @@ PAIR_HALVES = ("chosen_", "rejected_")
 PARALLEL_MIN_ROWS = 20_000
 
 
-def features(halves: tuple[str, ...]) -> datasets.Features:
-    """The store's columns (see the module docstring)."""
+def features(halves: tuple[str, ...], extra: dict | None = None) -> datasets.Features:
+    """The store's columns (see the module docstring), and an encoder's ``extra`` ones."""
     columns = {}
     for half in halves:
         columns.update({f"{half}ids": datasets.List(datasets.Value("int32")), f"{half}prompt": datasets.Value("int32"),
@@ -56,7 +58,12 @@ def features(halves: tuple[str, ...]) -> datasets.Features:
     columns.update(truncated=datasets.Value("bool"), loss=datasets.Value("int32"))
     if len(halves) == 2:
         columns["margin"] = datasets.Value("float64")
-    return datasets.Features(columns)
+    return datasets.Features({**columns, **(extra or {})})
+
+
+def encoded_features(encode, halves: tuple[str, ...]) -> datasets.Features:
+    """The columns of what ``encode`` writes: the store's, and its ``extra_features`` if it has any."""
+    return features(halves, getattr(encode, "extra_features", None))
 
 
 def default_num_proc(rows: int) -> int:
@@ -81,7 +88,7 @@ def tokenize_rows(rows, encode, halves: tuple[str, ...], *, num_proc: int | None
     with main_first(), _progress_bars(progress), in_file(source_file(rows)):
         table = rows.map(
             RowBatches(encode), batched=True, with_indices=True, remove_columns=rows.column_names,
-            features=features(halves), num_proc=num_proc if num_proc > 1 and len(rows) >= 2 * num_proc else None,
+            features=encoded_features(encode, halves), num_proc=num_proc if num_proc > 1 and len(rows) >= 2 * num_proc else None,
             desc=desc,
         )
     return table.data.table
@@ -89,7 +96,7 @@ def tokenize_rows(rows, encode, halves: tuple[str, ...], *, num_proc: int | None
 
 def encode_table(rows: list, encode, halves: tuple[str, ...], first: int = 0) -> pa.Table:
     """The token table of rows held in memory, the first being row ``first`` of the data set."""
-    return pa.table(encode(rows, list(range(first, first + len(rows)))), schema=features(halves).arrow_schema)
+    return pa.table(encode(rows, list(range(first, first + len(rows)))), schema=encoded_features(encode, halves).arrow_schema)
 
 
 def store_of(table: pa.Table, halves: tuple[str, ...]) -> TokenStore:
@@ -205,6 +212,10 @@ class TokenStore:
         if "margin" in table.column_names and table.column("margin").null_count < len(table):
             self.margins = table.column("margin").fill_null(0.0).to_numpy()
         self.sequence_extras: dict[str, np.ndarray] = {}  # name -> [rows, halves] values, added by trainers
+        if "label" in table.column_names:  # unpaired rows: each weighs 1, its label goes with its sequence
+            self.weights = np.ones(len(table), np.float64)
+            labels = table.column("label").to_numpy(zero_copy_only=False)
+            self.sequence_extras["label"] = labels[:, None].astype(np.float32)
         truncated = int(np.count_nonzero(table.column("truncated").to_numpy(zero_copy_only=False)))
         self.report = TokenizeReport(len(table), truncated, len(table) - len(self.kept), unit, dropped_because)
 

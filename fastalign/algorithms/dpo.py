@@ -33,37 +33,37 @@ import torch
 from tqdm.auto import tqdm
 
 from fastalign.data import PackedBatch
-from fastalign.data.rows import TRUNCATION_MODES
 from fastalign.engine import TrainingConfig, distributed
 from fastalign.kernels import LOSS_TYPES, fused_preference_loss
 from fastalign.models import eval_mode, lm_head, load_model, packed_hidden, prepare_model, sequence_logprobs
 from fastalign.options import option
 
 from .launch import PACKED_KEYS, REF_MODEL_KEY, launch_packed
-from .pairs import PairTrainer
+from .pairs import PairDataConfig, PairTrainer
 
 
 @dataclass
-class DPOConfig(TrainingConfig):
+class ReferenceConfig(TrainingConfig):
+    """The reference model's options (DPO's, and KTO's, which reuses ``DPOTrainer``'s reference)."""
+
+    precompute_ref_log_probs: bool = option(False, "compute the reference log-probs in one pass before training, "
+                                            "then free the reference")
+    disable_dropout: bool = option(True, "turn dropout off in the trained model")
+    model_adapter_name: str | None = option(None, "with PEFT: the adapter trained")
+    ref_adapter_name: str | None = option(None, "with PEFT: the adapter active for the reference (null: adapters "
+                                          "disabled)")
+
+
+@dataclass
+class DPOConfig(PairDataConfig, ReferenceConfig):
     learning_rate: float = 1e-6
     beta: float = option(0.1, "the strength of the KL constraint to the reference (the implicit reward's scale)",
                          gt=0)
     loss_type: str = option("sigmoid", "the preference loss", choices=LOSS_TYPES)
     label_smoothing: float = option(0.0, "the assumed fraction of flipped labels (cDPO, robust)", ge=0, lt=0.5)
     reference_free: bool = option(False, "no reference model: every reference log-prob is 0")
-    precompute_ref_log_probs: bool = option(False, "compute the reference log-probs in one pass before training, "
-                                            "then free the reference")
     average_log_prob: bool | None = option(None, "mean instead of summed completion log-probs (null: on for ipo "
                                            "only)")
-    max_length: int | None = option(512, "tokens kept of prompt plus completion (null: all)", ge=1)
-    max_prompt_length: int | None = option(128, "tokens a prompt is cut to when a pair is too long", ge=1)
-    truncation_mode: str = option("keep_end", "which tokens a too-long prompt keeps", choices=TRUNCATION_MODES)
-    drop_bad_pairs: bool = option(False, "drop and count pairs whose chosen equals rejected (false: such a pair "
-                                  "is an error naming its row)")
-    disable_dropout: bool = option(True, "turn dropout off in the trained model")
-    model_adapter_name: str | None = option(None, "with PEFT: the adapter trained")
-    ref_adapter_name: str | None = option(None, "with PEFT: the adapter active for the reference (null: adapters "
-                                          "disabled)")
     discopop_tau: float = option(0.05, "the discopop loss's temperature", gt=0)
 
     def __post_init__(self):

@@ -21,24 +21,18 @@ from dataclasses import dataclass
 import torch
 
 from fastalign.data import PackedBatch
-from fastalign.data.rows import TRUNCATION_MODES
-from fastalign.engine import TrainingConfig
 from fastalign.kernels import reward_loss
 from fastalign.models import eval_mode, load_reward_model, packed_scores, prepare_model
 from fastalign.options import option
 
 from .launch import PACKED_KEYS, launch_packed
-from .pairs import PairTrainer
+from .pairs import PairDataConfig, PairTrainer
 
 
 @dataclass
-class RewardConfig(TrainingConfig):
+class RewardConfig(PairDataConfig):
     learning_rate: float = 5e-5
-    max_length: int | None = option(512, "tokens kept of prompt plus completion (null: all)", ge=1)
-    max_prompt_length: int | None = option(256, "tokens a prompt is cut to when a pair is too long", ge=1)
-    truncation_mode: str = option("keep_end", "which tokens a too-long prompt keeps", choices=TRUNCATION_MODES)
-    drop_bad_pairs: bool = option(False, "drop and count pairs whose chosen equals rejected (false: such a pair "
-                                  "is an error naming its row)")
+    max_prompt_length: int | None = 256
     center_rewards_coefficient: float | None = option(None, "weight of the (r_c + r_r)^2 term that centres rewards "
                                                       "on 0 (null: off)", ge=0)
 

@@ -21,3 +21,14 @@ def assert_close(actual, expected, rtol, what=""):
     torch.testing.assert_close(
         actual, expected, rtol=rtol, atol=rtol * scale + 1e-30, msg=lambda m: f"{what}: {m}"
     )
+
+
+def tiny_t5(seed: int = 0, dropout: float = 0.0, **config):
+    """A tiny T5 built from a config (random weights) that fits the built-in character tokenizer
+    (``fastalign.models.tiny.char_tokenizer``: pad 0, eos 2, 100 ids): the decoder starts from pad."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    options = dict(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2, decoder_start_token_id=0,
+                   pad_token_id=0, eos_token_id=2, dropout_rate=dropout)
+    return T5ForConditionalGeneration(T5Config(**{**options, **config}))

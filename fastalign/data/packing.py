@@ -61,6 +61,11 @@ class PackedBatch:
         return self.cu_seqlens.numel() - 1
 
     @property
+    def num_real_tokens(self) -> int:
+        """Tokens of the sequences: all of them (no padding)."""
+        return int(self.cu_seqlens[-1])
+
+    @property
     def num_loss_tokens(self) -> int:
         return int((self.labels != IGNORE_INDEX).sum())
 
@@ -73,6 +78,16 @@ class PackedBatch:
         )
 
 
+def _fitting(unit_lengths, max_tokens: int) -> np.ndarray:
+    """The units' lengths as an array; a unit longer than ``max_tokens`` is an error."""
+    lengths = np.asarray(unit_lengths, dtype=np.int64).reshape(-1)
+    too_long = np.flatnonzero(lengths > max_tokens)
+    if too_long.size:
+        i = int(too_long[0])
+        raise ValueError(f"unit {i} has {lengths[i]} tokens, more than max_tokens_per_batch={max_tokens}")
+    return lengths
+
+
 def plan_units(unit_lengths, max_tokens: int) -> list[np.ndarray]:
     """Best-fit decreasing: arrays of unit indices, each array's lengths summing to <= max_tokens.
 
@@ -80,11 +95,7 @@ def plan_units(unit_lengths, max_tokens: int) -> list[np.ndarray]:
     placed (longest first). A unit longer than ``max_tokens`` is an error. What is kept is one
     index per unit, not a Python object (a data set of millions of rows plans in little memory).
     """
-    lengths = np.asarray(unit_lengths, dtype=np.int64).reshape(-1)
-    too_long = np.flatnonzero(lengths > max_tokens)
-    if too_long.size:
-        i = int(too_long[0])
-        raise ValueError(f"unit {i} has {lengths[i]} tokens, more than max_tokens_per_batch={max_tokens}")
+    lengths = _fitting(unit_lengths, max_tokens)
     order = np.argsort(-lengths, kind="stable")
     batch_of = np.empty(len(order), dtype=np.int64)  # in placing order
     free: list[tuple[int, int]] = []  # (room left, batch index), sorted
@@ -99,6 +110,20 @@ def plan_units(unit_lengths, max_tokens: int) -> list[np.ndarray]:
         bisect.insort(free, (room - need, b))
     grouped = order[np.argsort(batch_of, kind="stable")]
     return np.split(grouped, np.cumsum(np.bincount(batch_of, minlength=batches))[:-1]) if batches else []
+
+
+def plan_padded(unit_lengths, max_tokens: int) -> list[np.ndarray]:
+    """Batches for a padded layout (one row per unit, as long as its longest): units longest
+    first, each batch as many consecutive ones as ``rows x its longest <= max_tokens`` allows.
+    Same return as ``plan_units``; deterministic (ties keep the input order)."""
+    lengths = _fitting(unit_lengths, max_tokens)
+    order = np.argsort(-lengths, kind="stable")
+    batches, start = [], 0
+    while start < len(order):
+        rows = max(1, max_tokens // max(1, int(lengths[order[start]])))
+        batches.append(order[start:start + rows])
+        start += rows
+    return batches
 
 
 def plan_batches(unit_lengths, max_tokens: int) -> list[list[int]]:

@@ -243,10 +243,12 @@ class TokenStore:
 class Batches:
     """An epoch's packed micro-batches over a token store: planned from the units' lengths alone,
     each ``PackedBatch`` built when it is read (``batches[k]``), so only the micro-batches of the
-    step at hand exist. ``plan[k]`` lists the units (store rows) of micro-batch ``k``."""
+    step at hand exist. ``plan[k]`` lists the units (store rows) of micro-batch ``k``. ``collate``
+    builds a batch from units and extras (``pack``; an encoder-decoder model's trainer gives its
+    padded one)."""
 
-    def __init__(self, store: TokenStore, plan: list):
-        self.store, self.plan = store, plan
+    def __init__(self, store: TokenStore, plan: list, collate=pack):
+        self.store, self.plan, self.collate = store, plan, collate
 
     def __len__(self) -> int:
         return len(self.plan)
@@ -255,7 +257,7 @@ class Batches:
         if not -len(self.plan) <= k < len(self.plan):
             raise IndexError(k)
         units = self.plan[k]
-        return pack([self.store.unit(i) for i in units], self.store.extras(units))
+        return self.collate([self.store.unit(i) for i in units], self.store.extras(units))
 
     def __iter__(self):
         return (self[k] for k in range(len(self)))
@@ -277,8 +279,8 @@ class StreamBatches:
     there by skipping rows, not tokenizing them.
     """
 
-    def __init__(self, rows, encode, halves, plan, window: int, seed: int | None):
-        self.rows, self.encode, self.halves = rows, encode, halves
+    def __init__(self, rows, encode, halves, plan, window: int, seed: int | None, collate=pack):
+        self.rows, self.encode, self.halves, self.collate = rows, encode, halves, collate
         self.plan_of, self.window_rows, self.seed = plan, window, seed
         self.epoch, self.start, self.used = 0, 0, 0  # the position: see state()
         self.window: Batches | None = None
@@ -314,7 +316,7 @@ class StreamBatches:
             store = store_of(table, self.halves)
             self.window_len = len(rows)
             if len(store.kept):
-                self.window, self.used = Batches(store, self.plan_of(store)), 0
+                self.window, self.used = Batches(store, self.plan_of(store), self.collate), 0
                 self.order = list(range(len(self.window)))
                 if self.seed is not None:
                     rng = np.random.default_rng([self.seed, self.epoch, self.start])

@@ -27,7 +27,7 @@ from typing import TypeVar
 import torch
 from transformers import set_seed
 
-from fastalign.data import PackedBatch, plan_units
+from fastalign.data import PackedBatch, pack, plan_units
 from fastalign.data.store import Batches, Stream, StreamBatches, TokenStore
 from fastalign.models.modes import eval_mode
 
@@ -75,7 +75,7 @@ class LossPasses:
                 totals["_loss"] += loss_sum.item()
                 totals["_weight"] += self.batch_weight(batch)
                 totals["_tokens"] += batch.num_tokens
-                totals["_real_tokens"] += int(batch.cu_seqlens[-1])
+                totals["_real_tokens"] += batch.num_real_tokens
             # Every process all-reduces the same keys: a weight-0 copy adds zeros.
             for key, value in batch_sums.items():
                 totals[key] = totals.get(key, 0.0) + (float(value) if counts else 0.0)
@@ -84,6 +84,12 @@ class LossPasses:
 
 
 class Trainer(LossPasses, Checkpointed):
+    # How an epoch is planned (unit lengths, token budget -> arrays of units) and how a micro-batch
+    # is built (units, extras -> batch): packed by default; an encoder-decoder model's trainer sets
+    # the padded ones (``plan_padded``, ``fastalign.models.seq2seq_collator``) before ``__init__``.
+    planner = staticmethod(plan_units)
+    collate = staticmethod(pack)
+
     def __init__(self, model, args: TrainingConfig, train_data: TokenStore | Stream,
                  eval_data: TokenStore | None = None, tokenizer=None, optimizers=(None, None)):
         self.streamed = isinstance(train_data, Stream)
@@ -121,13 +127,13 @@ class Trainer(LossPasses, Checkpointed):
             both = " (its two halves)" if len(store.halves) == 2 else ""
             raise ValueError(f"row {row} has {int(lengths.max())} tokens{both}, more than max_tokens_per_batch="
                              f"{budget}: raise it{' to at least 2 x max_length' if both else ''}, or lower max_length")
-        return [kept[units] for units in plan_units(lengths, budget)]
+        return [kept[units] for units in self.planner(lengths, budget)]
 
     def make_batches(self, data: TokenStore | Stream) -> Batches | StreamBatches:
         if isinstance(data, Stream):
-            return StreamBatches(data.rows, data.encode, data.halves, self.plan,
-                                 self.args.stream_window_rows, self.args.seed if self.args.shuffle else None)
-        return Batches(data, self.plan(data))
+            return StreamBatches(data.rows, data.encode, data.halves, self.plan, self.args.stream_window_rows,
+                                 self.args.seed if self.args.shuffle else None, self.collate)
+        return Batches(data, self.plan(data), self.collate)
 
     def extra_state(self) -> dict:
         return {"stream": self.train_batches.state()} if self.streamed else {}

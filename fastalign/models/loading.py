@@ -12,7 +12,8 @@ CUDA; else ``fastalign_varlen`` (``models/varlen.py``: torch's ``varlen_attn`` o
 call per packed sequence elsewhere); plain ``sdpa`` only if transformers cannot register it. All
 keep packed sequences apart given restarting ``position_ids``, no attention mask and no cache (the
 packed forward does that); sdpa over a whole packed row does it with an ``[N, N]`` mask, at the
-cost of the row length squared.
+cost of the row length squared. An encoder-decoder model (T5, BART) keeps its own attention: it
+runs padded with attention masks (``models/seq2seq.py``).
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ import torch
 from fastalign.data.hub import from_hub, looks_local, not_found
 from fastalign.errors import ConfigError
 
+from .seq2seq import is_encoder_decoder
 from .tiny import char_tokenizer, tiny_model
 
 BUILTIN = {"fastalign/tiny-llama": "llama", "fastalign/tiny-qwen2": "qwen2"}
+PADDED = "encoder-decoder: padded batches with attention masks, packing cannot isolate its sequences"
 
 
 def attention_backend(device) -> tuple[str, str]:
@@ -73,7 +76,9 @@ def load_tokenizer(name: str):
 
 def load_model(model, *, dtype=None, trust_remote_code: bool = False, device=None, attn_implementation=None,
                num_labels: int | None = None, **tiny_kwargs):
-    """A causal LM (or, with ``num_labels``, a sequence classifier) from a name, path or object.
+    """A causal LM (or, with ``num_labels``, a sequence classifier) from a name, path or object; a
+    name whose config is an encoder-decoder's loads as ``AutoModelForSeq2SeqLM``, and an
+    encoder-decoder model keeps its own attention (it runs padded, ``models/seq2seq.py``).
 
     Returns ``(model, attention_report)``; the attention backend is picked for ``device``
     (default: CUDA when available) unless ``attn_implementation`` names one.
@@ -83,6 +88,10 @@ def load_model(model, *, dtype=None, trust_remote_code: bool = False, device=Non
     if isinstance(dtype, str):
         dtype = None if dtype == "auto" else getattr(torch, dtype)
     if not isinstance(model, str):
+        if is_encoder_decoder(model):  # run padded, with its own attention (fastalign_varlen is causal)
+            if attn_implementation:
+                model.set_attn_implementation(attn_implementation)
+            return model, f"{model.config._attn_implementation} ({PADDED})"
         if attn_implementation or impl != "sdpa":
             model.set_attn_implementation(impl)
         return model, f"{model.config._attn_implementation} ({why})"
@@ -93,14 +102,21 @@ def load_model(model, *, dtype=None, trust_remote_code: bool = False, device=Non
         if dtype is not None:
             built = built.to(dtype)
         return load_model(built, device=device, attn_implementation=attn_implementation)
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
     kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=impl)
     if num_labels is None:
-        loaded = _located(model, lambda name: AutoModelForCausalLM.from_pretrained(name, **kwargs))
+        def load(name):
+            if AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code).is_encoder_decoder:
+                return AutoModelForSeq2SeqLM.from_pretrained(name, **{**kwargs, "attn_implementation": attn_implementation})
+            return AutoModelForCausalLM.from_pretrained(name, **kwargs)
+
+        loaded = _located(model, load)
     else:
         loaded = _located(model, lambda name: AutoModelForSequenceClassification.from_pretrained(
             name, num_labels=num_labels, **kwargs))
+    if is_encoder_decoder(loaded):
+        return loaded, f"{loaded.config._attn_implementation} ({PADDED})"
     return loaded, f"{impl} ({why})"
 
 
@@ -123,14 +139,24 @@ def load_reward_model(model, *, dtype=None, trust_remote_code: bool = False, dev
     with ``AutoModelForSequenceClassification`` (which adds the head when the checkpoint has none).
     Returns ``(model, attention_report)``."""
     if isinstance(model, str) and model not in BUILTIN:
-        return load_model(model, dtype=dtype, trust_remote_code=trust_remote_code, device=device,
-                          attn_implementation=attn_implementation, num_labels=1)
-    model, report = load_model(model, dtype=dtype, device=device, attn_implementation=attn_implementation)
+        model, report = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code, device=device,
+                                   attn_implementation=attn_implementation, num_labels=1)
+        return _decoder_only(model), report
+    model, report = load_model(_decoder_only(model), dtype=dtype, device=device, attn_implementation=attn_implementation)
     if model.get_output_embeddings() is not None:  # a causal LM: swap its head for a scalar one
         model = as_reward_model(model)
     if getattr(model.config, "num_labels", 1) != 1:
         raise ValueError(f"a reward model has one label; {type(model).__name__} has {model.config.num_labels}")
     return model, report
+
+
+def _decoder_only(model):
+    """``model``, unless it is an encoder-decoder model: reward models read a score at each packed
+    sequence's last token (TRL 0.7.10's RewardTrainer has no encoder-decoder path either)."""
+    if not isinstance(model, str) and is_encoder_decoder(model):
+        raise ConfigError(f"{type(model).__name__} is an encoder-decoder model: reward modeling (and PPO's reward "
+                          "model) takes decoder-only models")
+    return model
 
 
 def prepare_model(model, tokenizer=None, peft_config=None, loader=load_model):

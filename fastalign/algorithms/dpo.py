@@ -17,6 +17,10 @@ The reference log-probs come, in this order, from:
   ``ref_adapter_name``, with that adapter active): no second copy in memory;
 - otherwise a frozen copy of the model as it is before training.
 
+An encoder-decoder model (T5, BART) runs padded (``fastalign.models.seq2seq``; packing cannot
+isolate its sequences): the prompt goes once through the encoder for both halves of a pair, the
+completions are the decoder's targets, and the lm_head runs only at their tokens.
+
 Sequence log-probs are sums over completion tokens, or means with ``average_log_prob`` (on by
 default for ``ipo``, as in TRL 0.7.10). Logged, with TRL's names: ``rewards/chosen``,
 ``rewards/rejected``, ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``,
@@ -32,10 +36,21 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from fastalign.data import PackedBatch
+from fastalign.data import PackedBatch, plan_padded
 from fastalign.engine import TrainingConfig, distributed
 from fastalign.kernels import LOSS_TYPES, fused_preference_loss
-from fastalign.models import eval_mode, lm_head, load_model, packed_hidden, prepare_model, sequence_logprobs
+from fastalign.models import (
+    Seq2SeqBatch,
+    batch_sequence_logprobs,
+    eval_mode,
+    is_encoder_decoder,
+    lm_head,
+    load_model,
+    packed_hidden,
+    prepare_model,
+    seq2seq_collator,
+)
+from fastalign.models.seq2seq import loss_positions, seq2seq_head, seq2seq_hidden
 from fastalign.options import option
 
 from .launch import PACKED_KEYS, REF_MODEL_KEY, launch_packed
@@ -92,6 +107,8 @@ class DPOTrainer(PairTrainer):
         args = args or DPOConfig()
         model, tokenizer, self.attention = prepare_model(model, tokenizer, peft_config, self.model_loader)
         self.is_peft = hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+        if is_encoder_decoder(model):  # padded: one encoder pass per pair's prompt, both halves decoded
+            self.planner, self.collate = plan_padded, seq2seq_collator(model)
         if ref_model is not None:
             ref_model, _ = load_model(ref_model)
         elif not args.reference_free and not self.is_peft and not args.precompute_ref_log_probs:
@@ -125,7 +142,7 @@ class DPOTrainer(PairTrainer):
             return batch.extras["ref_logps"]
         model = self.ref_model if self.ref_model is not None else self.model
         with torch.no_grad(), self._reference_context(), eval_mode(model):
-            return sequence_logprobs(model, batch, average=self.args.average_log_prob)
+            return batch_sequence_logprobs(model, batch, average=self.args.average_log_prob)
 
     def _precompute(self, batches, name) -> None:
         """Every pair's reference log-probs, in one pass shared out over the processes like the
@@ -154,11 +171,17 @@ class DPOTrainer(PairTrainer):
         if not args.reference_free:
             ref = self.reference_logps(batch)
             ref_c, ref_r = ref[batch.chosen], ref[batch.rejected]
-        hidden = packed_hidden(self.model, batch)
-        weight, bias = lm_head(self.model)
+        if isinstance(batch, Seq2SeqBatch):  # the decoder's states at label positions only
+            pos = loss_positions(batch)
+            hidden, labels = seq2seq_hidden(self.model, batch, pos), batch.labels[pos]
+            layout = {"seq_index": batch.seq_index[pos]}
+            weight, bias, _ = seq2seq_head(self.model)
+        else:
+            hidden, labels, layout = packed_hidden(self.model, batch), batch.labels, {"cu_seqlens": batch.cu_seqlens}
+            weight, bias = lm_head(self.model)
         out = fused_preference_loss(
-            hidden, weight, batch.labels, batch.chosen, batch.rejected, ref_c, ref_r,
-            cu_seqlens=batch.cu_seqlens, bias=bias, beta=args.beta, loss_type=args.loss_type,
+            hidden, weight, labels, batch.chosen, batch.rejected, ref_c, ref_r,
+            **layout, bias=bias, beta=args.beta, loss_type=args.loss_type,
             label_smoothing=args.label_smoothing, reference_free=args.reference_free,
             average_log_prob=args.average_log_prob, discopop_tau=args.discopop_tau,
         )

@@ -17,6 +17,8 @@ def create_reference_model(model: torch.nn.Module, num_shared_layers: int | None
     whose parameters below that layer (embeddings and the first ``num_shared_layers`` layers) are
     the policy's own, frozen in the policy too, so only the layers above are copied (``share=False``
     copies them anyway, frozen in both, for ZeRO-3, which cannot shard one tensor for two models)."""
+    if num_shared_layers is not None and getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise ValueError("num_shared_layers is for decoder-only models; an encoder-decoder model's reference is a copy")
     ref = copy.deepcopy(model).requires_grad_(False).eval()
     if num_shared_layers is None:
         return ref

@@ -119,11 +119,11 @@ class Stopwatch:
 
 
 def full_kl(policy: torch.nn.Module, hidden: torch.Tensor, ref: torch.nn.Module, ref_hidden: torch.Tensor,
-            chunk: int = 256) -> torch.Tensor:
+            chunk: int = 256, head=lm_head) -> torch.Tensor:
     """Exact KL(policy || reference) over the vocabulary at each row of ``hidden`` (fp32 ``[M]``),
-    the logits of ``chunk`` tokens at a time."""
-    w, b = lm_head(policy)
-    rw, rb = lm_head(ref)
+    the logits of ``chunk`` tokens at a time; ``head(model) -> (weight, bias)`` reads the lm_head."""
+    w, b = head(policy)
+    rw, rb = head(ref)
     out = []
     with gathered(w, b), gathered(rw, rb):
         for s in range(0, hidden.shape[0], chunk):

@@ -15,7 +15,7 @@ import datasets
 import torch
 from transformers import set_seed
 
-from fastalign.data import IGNORE_INDEX, Sequence, load_rows, pack, plan_batches
+from fastalign.data import IGNORE_INDEX, Sequence, load_rows
 from fastalign.data.prompts import tokenize_prompts
 from fastalign.engine import Engine, distributed
 from fastalign.engine.checkpoint import Checkpointed, Checkpointer, hf_weights
@@ -29,16 +29,14 @@ from fastalign.kernels.shaping import compute_rewards_packed
 from fastalign.models import (
     CausalLMWithValueHead,
     eval_mode,
-    head_logprobs,
     load_model,
     load_reward_model,
-    packed_hidden,
-    packed_logprobs_and_values,
     packed_scores,
     prepare_model,
 )
 
 from .config import PPOConfig
+from .forwards import PACKED, forwards_for
 from .generation import generate_responses, whole_model
 from .inputs import check_step_inputs
 from .launch import PPO_KEYS, launch_ppo
@@ -52,7 +50,8 @@ class PPOTrainer(Checkpointed):
     """PPO on a causal LM with a value head, TRL 0.7.10's interface (``generate``, ``step``) plus
     ``train()`` over a dataset of prompts with a reward function or a reward model.
 
-    ``model``: a ``CausalLMWithValueHead``, a causal LM (a value head is added) or a name or path.
+    ``model``: a ``CausalLMWithValueHead``, a causal LM (a value head is added) or a name or path;
+    or an encoder-decoder LM (T5, BART; ``Seq2SeqLMWithValueHead``), run padded (``forwards``).
     The reference: ``ref_model`` if given; with PEFT adapters on the model and no ``ref_model``,
     the model with its adapters disabled; otherwise a frozen copy, sharing the policy's bottom
     ``num_shared_layers`` layers (frozen) when set. ``dataset``: rows with a ``query`` (or
@@ -83,10 +82,11 @@ class PPOTrainer(Checkpointed):
         wrapped = isinstance(model, CausalLMWithValueHead)
         lm, tokenizer, self.attention = prepare_model(model.pretrained_model if wrapped else model, tokenizer,
                                                       peft_config, load_model)
+        self.forwards = forwards_for(lm)  # packed, or padded for an encoder-decoder model
         if wrapped:
             model.pretrained_model = lm
         else:
-            model = CausalLMWithValueHead(lm)
+            model = self.forwards.value_model(lm)
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token (set tokenizer.pad_token = tokenizer.eos_token)")
         self.model, self.tokenizer = model, tokenizer
@@ -182,7 +182,8 @@ class PPOTrainer(Checkpointed):
     def _generate(self, model, query_tensor, length_sampler, batch_size, return_prompt, remove_padding, context, kwargs):
         return generate_responses(model, query_tensor, device=self.engine.device, pad_token_id=self.tokenizer.pad_token_id,
                                   length_sampler=length_sampler, batch_size=batch_size, return_prompt=return_prompt,
-                                  remove_padding=remove_padding, context=context, kwargs=kwargs)
+                                  remove_padding=remove_padding, context=context, kwargs=kwargs,
+                                  encoder_decoder=self.forwards.encoder_decoder)
 
     # ---- scoring with a reward model -----------------------------------------------------------
     @torch.no_grad()
@@ -192,22 +193,23 @@ class PPOTrainer(Checkpointed):
             raise ValueError("no reward_model was given to the PPOTrainer")
         seqs = [torch.cat([q, r]).tolist() for q, r in zip(queries, responses)]
         scores = torch.zeros(len(seqs), dtype=torch.float32, device=self.engine.device)
-        for samples, batch in self._rows([[Sequence(s)] for s in seqs]):
+        for samples, batch in self._rows([[Sequence(s)] for s in seqs], PACKED):  # the reward model is a causal one
             out = packed_scores(self.reward_model, batch)
             if samples:
                 scores[samples] = out
         return scores
 
     # ---- the rollout forward passes -------------------------------------------------------------
-    def _rows(self, units):
+    def _rows(self, units, forwards=None):
         """``(sample indices, packed batch on the device)`` per row of at most
         ``max_tokens_per_batch`` tokens; every process gets as many rows (ZeRO-3 runs the same
         forwards everywhere), the extra ones a copy with no samples."""
-        plan = plan_batches([sum(len(s.input_ids) for s in u) for u in units], self.config.max_tokens_per_batch)
+        forwards = forwards or self.forwards
+        plan = forwards.plan([sum(len(s.input_ids) for s in u) for u in units], self.config.max_tokens_per_batch)
         count = distributed.all_reduce_max(len(plan), self.engine.device) if self.world_size > 1 else len(plan)
         for k in range(count):
             samples = plan[k] if k < len(plan) else []
-            yield samples, pack([units[i] for i in (samples or plan[0])]).to(self.engine.device)
+            yield samples, forwards.collate([units[i] for i in (samples or plan[0])]).to(self.engine.device)
 
     def _reference_context(self):
         return self.model.pretrained_model.disable_adapter() if self.ref_model is None else contextlib.nullcontext()
@@ -216,8 +218,8 @@ class PPOTrainer(Checkpointed):
         """The reference's log-probs and hidden states at the loss positions ``pos``, and the model."""
         model = self.ref_model if self.ref_model is not None else self.model.pretrained_model
         with self._reference_context():
-            hidden = packed_hidden(model, batch)[pos]
-            return head_logprobs(model, hidden, batch.labels[pos]), hidden, model
+            hidden = self.forwards.hidden(model, batch, pos)
+            return self.forwards.head_logprobs(model, hidden, batch.labels[pos]), hidden, model
 
     @torch.no_grad()
     def _rollout(self, queries, responses, response_masks, scores: torch.Tensor) -> Forward:
@@ -234,9 +236,9 @@ class PPOTrainer(Checkpointed):
                 pos = (batch.labels != IGNORE_INDEX).nonzero()[:, 0]  # found once for both models
                 with self.engine.autocast():
                     policy = self.engine.forward(
-                        functools.partial(packed_logprobs_and_values, self.model, positions=pos), batch)
+                        functools.partial(self.forwards.policy, self.model, positions=pos), batch)
                     ref_logp, ref_hidden, ref = self._reference_outputs(batch, pos)
-                    kls = full_kl(self.model, policy.hidden, ref, ref_hidden) if full else None
+                    kls = full_kl(self.model, policy.hidden, ref, ref_hidden, head=self.forwards.head) if full else None
                 if not samples:
                     continue
                 dest = layout.positions(samples)
@@ -285,7 +287,7 @@ class PPOTrainer(Checkpointed):
     def _minibatch_loss(self, batch, old: dict):
         """The PPO loss of one packed mini-batch (run inside the engine's forward); ``old`` holds
         the rollout's per-token tensors at the mini-batch's response tokens."""
-        new = packed_logprobs_and_values(self.model, batch, return_entropy=True)
+        new = self.forwards.policy(self.model, batch, return_entropy=True)
         c = self.config
         row = {k: v.unsqueeze(0) for k, v in old.items()}  # one packed row: masked means over all its tokens
         pg, vf, stats = ppo_loss(
@@ -307,7 +309,7 @@ class PPOTrainer(Checkpointed):
                 order = torch.randperm(c.batch_size, generator=self.perm_generator).tolist()
                 for start in range(0, c.batch_size, c.mini_batch_size):
                     samples = order[start:start + c.mini_batch_size]
-                    batch = pack([units[i] for i in samples]).to(self.engine.device)
+                    batch = self.forwards.collate([units[i] for i in samples]).to(self.engine.device)
                     src = r.layout.positions(samples)
                     old = {"logprobs": r.logprobs[src], "values": r.values[src], "mask": r.mask[src],
                            "advantages": r.advantages[src], "returns": r.returns[src]}

@@ -24,8 +24,13 @@ POSITION = ("lr", "epoch", "peak_memory_gb")
 
 
 def mean_window(records: list[dict]) -> dict:
-    """Metrics over a logging window: means, except the position in the run (last value)."""
-    return {k: records[-1][k] if k in POSITION else sum(r[k] for r in records) / len(records) for k in records[0]}
+    """Metrics over a logging window: means, except the position in the run (last value); a metric
+    some steps lack (KTO's per-label means, in a step without such rows) over the steps that have it."""
+    out = {}
+    for k in dict.fromkeys(k for r in records for k in r):
+        values = [r[k] for r in records if k in r]
+        out[k] = values[-1] if k in POSITION else sum(values) / len(values)
+    return out
 
 
 def last_window(records: list[dict]) -> dict:

@@ -62,7 +62,7 @@ def common_metrics(pi_c, pi_r, beta):
 def assert_metrics(got, expected):
     assert set(expected) <= set(got), sorted(got)
     for key, value in expected.items():
-        assert got[key] == pytest.approx(float(value), rel=1e-4, abs=1e-5), key
+        assert got[key] == pytest.approx(float(torch.as_tensor(value).detach()), rel=1e-4, abs=1e-5), key
 
 
 def grads(model):

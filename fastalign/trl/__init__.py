@@ -7,9 +7,11 @@ A TRL 0.7.10 script ports by changing ``trl`` to ``fastalign.trl`` in its import
 
 The layer maps TRL's signatures, configs (``transformers.TrainingArguments`` included), collators,
 results (``TrainOutput``, ``state.log_history``) and metric names onto ``fastalign.algorithms``;
-nothing in fastalign imports it. Decoder-only models only: encoder-decoder models (T5) are not
-supported yet. Importing it lets ``transformers.TrainingArguments`` take the TRL-era names that
-later transformers removed (``evaluation_strategy``, ...; see ``fastalign.trl.args``).
+nothing in fastalign imports it. Encoder-decoder models (T5, BART) run padded in ``DPOTrainer``
+(``is_encoder_decoder``), ``SFTTrainer`` and ``PPOTrainer`` (``AutoModelForSeq2SeqLMWithValueHead``);
+not in ``IterativeSFTTrainer``. Importing it lets ``transformers.TrainingArguments`` take the
+TRL-era names that later transformers removed (``evaluation_strategy``, ...; see
+``fastalign.trl.args``).
 """
 
 from .args import accept_legacy_names

@@ -19,7 +19,6 @@ from transformers.trainer_utils import TrainOutput
 from fastalign.errors import ConfigError
 from fastalign.trl import (
     AutoModelForCausalLMWithValueHead,
-    AutoModelForSeq2SeqLMWithValueHead,
     DataCollatorForCompletionOnlyLM,
     DPOTrainer,
     IterativeSFTTrainer,
@@ -30,6 +29,7 @@ from fastalign.trl import (
 from fastalign.trl.args import map_training_arguments
 from fastalign.trl.core import LengthSampler, logprobs_from_logits
 from fastalign.trl.trainer import RunningMoments
+from helpers import tiny_t5
 
 ROWS = [{"text": "x" * n} for n in (10, 20, 30, 40, 50, 60, 70, 80)]
 PAIRS = [{"prompt": f"q{i}?", "chosen": " yes" * (i + 1), "rejected": " no"} for i in range(8)]
@@ -201,8 +201,8 @@ def test_value_head_from_pretrained_keeps_lora(model_dir):
     assert model.is_peft_model
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trained and all("lora_" in n or n.startswith("v_head") for n in trained)
-    with pytest.raises(NotImplementedError, match="encoder-decoder models"):
-        AutoModelForSeq2SeqLMWithValueHead.from_pretrained("t5-small")
+    with pytest.raises(ValueError, match="use AutoModelForSeq2SeqLMWithValueHead"):
+        AutoModelForCausalLMWithValueHead.from_pretrained(tiny_t5())
 
 
 # ---- PPO -------------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """``trl.models``' value-head models: ``AutoModelForCausalLMWithValueHead`` on fastalign's
-``CausalLMWithValueHead`` (same head: dropout then ``Linear(hidden, 1)``; saved as the LM in
-Hugging Face format plus ``value_head.safetensors``), ``create_reference_model`` and
-``setup_chat_format``. Encoder-decoder models are not supported yet."""
+``CausalLMWithValueHead`` and ``AutoModelForSeq2SeqLMWithValueHead`` on its
+``Seq2SeqLMWithValueHead`` (an encoder-decoder LM such as T5, the value head on the decoder's
+final hidden states; PPO runs it padded). Same head as TRL's: dropout then ``Linear(hidden, 1)``;
+saved as the LM in Hugging Face format plus ``value_head.safetensors``. Also
+``create_reference_model`` and ``setup_chat_format``."""
 
 from __future__ import annotations
 
@@ -11,33 +13,30 @@ import tempfile
 import torch
 
 from fastalign.algorithms.ppo import create_reference_model as _native_reference
-from fastalign.models import CausalLMWithValueHead
+from fastalign.models import CausalLMWithValueHead, Seq2SeqLMWithValueHead, is_encoder_decoder
 from fastalign.models.value_head import HEAD_FILE
 from fastalign.trl.trainer.loading import init_kwargs
 
 HEAD_KWARGS = ("summary_dropout_prob", "v_head_init_strategy", "v_head_initializer_range")
-SEQ2SEQ = ("fastalign.trl: encoder-decoder models (T5, BART) are not supported yet; use a decoder-only model with "
-           "AutoModelForCausalLMWithValueHead")
 
 
-class AutoModelForCausalLMWithValueHead(CausalLMWithValueHead):
-    """A causal LM with a scalar value head (TRL's class): ``pretrained_model``, ``v_head``,
-    ``forward(input_ids, attention_mask) -> (logits, None, values)``, ``generate``,
-    ``save_pretrained``; ``from_pretrained(name or model, peft_config=..., **from_pretrained_kwargs)``
-    applies LoRA when ``peft_config`` is given."""
+class _TRLValueHead:
+    """What TRL's value-head models add: ``from_pretrained(name or model, peft_config=...,
+    **from_pretrained_kwargs)`` (LoRA applied when ``peft_config`` is given), ``is_peft_model``,
+    ``current_device``, ``push_to_hub``. ``encoder_decoder``: the kind of LM the class takes."""
 
-    transformers_parent_class = "AutoModelForCausalLM"
-    supports_rm_adapter = False
+    encoder_decoder = False
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        if getattr(getattr(pretrained_model_name_or_path, "config", None), "is_encoder_decoder", False):
-            raise NotImplementedError(SEQ2SEQ)
         peft_config = kwargs.pop("peft_config", None)
         kwargs.pop("reward_adapter", None)
         kwargs.pop("is_trainable", None)
         head = {k: kwargs.pop(k) for k in HEAD_KWARGS if k in kwargs}
         model = super().from_pretrained(pretrained_model_name_or_path, **head, **init_kwargs(kwargs))
+        if is_encoder_decoder(model.pretrained_model) and not cls.encoder_decoder:  # the other way: __init__ says
+            other = "AutoModelForSeq2SeqLMWithValueHead"
+            raise ValueError(f"{type(model.pretrained_model).__name__} is an encoder-decoder model: use {other}")
         model.__class__ = cls
         if peft_config is not None:
             from peft import get_peft_model
@@ -62,15 +61,26 @@ class AutoModelForCausalLMWithValueHead(CausalLMWithValueHead):
             return push_folder(folder, repo_id, kwargs.get("token"), kwargs.get("private"))
 
 
-class AutoModelForSeq2SeqLMWithValueHead(torch.nn.Module):
-    """Not supported yet: encoder-decoder models."""
+class AutoModelForCausalLMWithValueHead(_TRLValueHead, CausalLMWithValueHead):
+    """A causal LM with a scalar value head (TRL's class): ``pretrained_model``, ``v_head``,
+    ``forward(input_ids, attention_mask) -> (logits, None, values)``, ``generate``,
+    ``save_pretrained``."""
 
-    def __init__(self, *args, **kwargs):
-        raise NotImplementedError(SEQ2SEQ)
+    transformers_parent_class = "AutoModelForCausalLM"
+    supports_rm_adapter = False
 
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        raise NotImplementedError(SEQ2SEQ)
+
+class AutoModelForSeq2SeqLMWithValueHead(_TRLValueHead, Seq2SeqLMWithValueHead):
+    """An encoder-decoder LM with a scalar value head on its decoder (TRL's class):
+    ``forward(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask) -> (logits,
+    None, values)``, ``generate``, ``save_pretrained``; ``is_encoder_decoder`` is there, as
+    TRL's ``PPOTrainer`` looks for it."""
+
+    transformers_parent_class = "AutoModelForSeq2SeqLM"
+    supports_rm_adapter = False
+    encoder_decoder = True
+    is_encoder_decoder = True
+    causal_class = "AutoModelForCausalLMWithValueHead"
 
 
 PreTrainedModelWrapper = CausalLMWithValueHead

@@ -6,6 +6,12 @@ Logged under TRL's names: ``rewards/chosen``, ``rewards/rejected``, ``rewards/ac
 mean over the vocabulary and over each chosen sequence's tokens, ``h . mean(W) + mean(b)`` from the
 final hidden states, averaged over pairs (TRL's mean also counts its padding positions).
 
+An encoder-decoder model (``is_encoder_decoder``: read off the model's config, as TRL does when it
+has the model) runs padded: the prompt through the encoder once for both halves of a pair, the
+completions as the decoder's targets; ``logits/chosen`` averages over the real decoder positions.
+``max_target_length`` (TRL's bound on an encoder-decoder model's completions) makes ``max_length``
+at most ``max_prompt_length + max_target_length``, so a too-long pair's completions are cut to it.
+
 Where TRL 0.7.10 has known bugs fastalign keeps its own, correct behaviour: ``ipo`` averages
 log-probs over the completion tokens with a guard (a sequence with none averages to 0, where TRL's
 mean turns NaN), ``reference_free=True`` (a keyword here) runs without any reference model (TRL
@@ -23,7 +29,16 @@ import torch
 from fastalign.algorithms import dpo as native
 from fastalign.errors import ConfigError
 from fastalign.functional import dpo_loss as functional_dpo_loss
-from fastalign.models import body, eval_mode, lm_head, load_model, sequence_logprobs
+from fastalign.models import (
+    Seq2SeqBatch,
+    batch_sequence_logprobs,
+    body,
+    eval_mode,
+    lm_head,
+    load_model,
+)
+from fastalign.models.seq2seq import is_encoder_decoder as encoder_decoder
+from fastalign.models.seq2seq import seq2seq_head
 
 from .base import TRLTrainer
 from .loading import init_kwargs, resolve
@@ -41,9 +56,6 @@ class DPOTrainer(TRLTrainer, native.DPOTrainer):
                  generate_during_eval=False, compute_metrics=None, precompute_ref_log_probs=False,
                  model_init_kwargs=None, ref_model_init_kwargs=None, model_adapter_name=None, ref_adapter_name=None,
                  *, reference_free=False, max_tokens_per_batch=None):
-        if is_encoder_decoder or getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-            raise NotImplementedError("fastalign.trl: encoder-decoder models (T5, BART) are not supported yet; "
-                                      "DPOTrainer takes decoder-only causal LMs")
         if data_collator is not None and not isinstance(data_collator, DPODataCollatorWithPadding):
             raise ConfigError(f"data_collator={type(data_collator).__name__}: fastalign packs the pairs itself; give "
                               "rows with prompt, chosen and rejected")
@@ -52,7 +64,7 @@ class DPOTrainer(TRLTrainer, native.DPOTrainer):
             ref_model = load_model(ref_model, **init_kwargs(ref_model_init_kwargs))[0]
         config, _ = self._map_args(
             args, native.DPOConfig, beta=beta, label_smoothing=label_smoothing, loss_type=loss_type,
-            truncation_mode=truncation_mode, max_length=512 if max_length is None else max_length,
+            truncation_mode=truncation_mode, max_length=_max_length(model, max_length, max_prompt_length, max_target_length),
             max_prompt_length=128 if max_prompt_length is None else max_prompt_length, disable_dropout=disable_dropout,
             precompute_ref_log_probs=precompute_ref_log_probs, model_adapter_name=model_adapter_name,
             ref_adapter_name=ref_adapter_name, reference_free=reference_free, max_tokens_per_batch=max_tokens_per_batch)
@@ -65,25 +77,34 @@ class DPOTrainer(TRLTrainer, native.DPOTrainer):
         model, peft_config, optimizers = self._optimizers(model, tokenizer, peft_config, optimizers)
         super().__init__(model, ref_model, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          tokenizer=tokenizer, peft_config=peft_config, optimizers=optimizers)
+        self.is_encoder_decoder = encoder_decoder(self.model)  # TRL's argument: read off the model
         self._hidden = None
-        body(self.model).register_forward_hook(self._keep_hidden)
+        watched = self.model.get_decoder() if self.is_encoder_decoder else body(self.model)
+        watched.register_forward_hook(self._keep_hidden)
         self._after_init(callbacks, compute_metrics)
 
     # ---- TRL's extra metrics and its loss method -------------------------------------------------
     def _keep_hidden(self, module, inputs, output):
-        self._hidden = output.last_hidden_state[0].detach()
+        hidden = output.last_hidden_state
+        self._hidden = (hidden.reshape(-1, hidden.shape[-1]) if self.is_encoder_decoder else hidden[0]).detach()
 
     def compute_loss(self, batch):
         loss, sums = super().compute_loss(batch)
         hidden, self._hidden = self._hidden, None
         if hidden is not None:
-            weight, bias = lm_head(self.model)
+            if isinstance(batch, Seq2SeqBatch):  # the decoder's positions, padding left out
+                weight, bias, scale = seq2seq_head(self.model)
+                hidden, seq = hidden * scale, batch.seq_index.to(hidden.device)
+                real = batch.decoder_attention_mask.reshape(-1).to(hidden.device).bool()
+                hidden, seq, lengths = hidden[real], seq[real], batch.decoder_attention_mask.sum(1)
+            else:
+                weight, bias = lm_head(self.model)
+                seq, lengths = batch.seq_index.to(hidden.device), batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]
             mean_logit = hidden.float() @ weight.detach().float().mean(0)
             if bias is not None:
                 mean_logit = mean_logit + bias.detach().float().mean()
-            seq = batch.seq_index.to(hidden.device)
-            per_seq = torch.zeros(batch.cu_seqlens.numel() - 1, device=hidden.device).index_add_(0, seq, mean_logit)
-            per_seq = per_seq / (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).to(hidden.device)
+            per_seq = torch.zeros(lengths.numel(), device=hidden.device).index_add_(0, seq, mean_logit)
+            per_seq = per_seq / lengths.to(hidden.device)
             sums["logits/chosen"] = per_seq[batch.chosen].sum()
             sums["logits/rejected"] = per_seq[batch.rejected].sum()
         return loss, sums
@@ -108,7 +129,7 @@ class DPOTrainer(TRLTrainer, native.DPOTrainer):
             for k in range(len(batches)):
                 batch = batches[k].to(self.engine.device)
                 with self.engine.autocast():
-                    policy = sequence_logprobs(self.model, batch, average=self.args.average_log_prob)
+                    policy = batch_sequence_logprobs(self.model, batch, average=self.args.average_log_prob)
                     ref = self.reference_logps(batch) if not self.args.reference_free else torch.zeros_like(policy)
                 rewards = self.args.beta * (policy - ref).float()
                 out[batches.plan[k]] = torch.stack([rewards[batch.chosen], rewards[batch.rejected]], 1).cpu().numpy()
@@ -136,10 +157,21 @@ class DPOTrainer(TRLTrainer, native.DPOTrainer):
                 with context, eval_mode(model):
                     new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
                                          max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)
-                texts[name] = tok.decode(new[0, ids.shape[1]:], skip_special_tokens=True)
+                texts[name] = tok.decode(new[0, 1 if self.is_encoder_decoder else ids.shape[1]:], skip_special_tokens=True)
             lines.append(json.dumps({"step": self.global_step, "prompt": prompt, **texts}))
+        os.makedirs(self.args.output_dir, exist_ok=True)  # an evaluation before train() comes first
         with open(os.path.join(self.args.output_dir, "game_log.jsonl"), "a") as f:
             f.write("\n".join(lines) + "\n")
+
+
+def _max_length(model, max_length, max_prompt_length, max_target_length) -> int:
+    """TRL's ``max_length`` (512 by default); for an encoder-decoder model given ``max_target_length``
+    (TRL's bound on its completions), ``max_prompt_length + max_target_length`` when that is
+    smaller, so a too-long pair's completions are cut to ``max_target_length``."""
+    length = 512 if max_length is None else max_length
+    if max_target_length is not None and encoder_decoder(model):
+        length = min(length, (128 if max_prompt_length is None else max_prompt_length) + max_target_length)
+    return length
 
 
 def _null():

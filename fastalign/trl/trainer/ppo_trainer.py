@@ -9,6 +9,11 @@ TensorBoard with ``log_with="tensorboard"``), keeps them in ``log_history``, and
 ``columns_to_log`` with each reward to ``OUTPUT_DIR/game_log.jsonl`` (TRL's wandb table). Step stats
 add TRL's ``objective/logprobs`` and ``objective/ref_logprobs``: ``[batch, longest response]``
 arrays of the response tokens (TRL's also cover the query positions, masked).
+
+An encoder-decoder policy (``AutoModelForSeq2SeqLMWithValueHead``; ``is_encoder_decoder`` is then
+true) runs padded: queries go to the encoder, ``generate`` returns the decoder's tokens after its
+start token (TRL keeps the start token; ``step`` takes them as ``generate`` returns them), and
+``batched_forward_pass`` scores every response token (TRL 0.7.10's mask skips the first).
 """
 
 from __future__ import annotations
@@ -44,9 +49,6 @@ class PPOTrainer(NativePPOTrainer):
         config = config if config is not None else PPOConfig()
         dataset = train_dataset if dataset is None else dataset  # TRL's PPO docs call it train_dataset
         lm = model.pretrained_model if isinstance(model, CausalLMWithValueHead) else model
-        if getattr(getattr(lm, "config", None), "is_encoder_decoder", False):
-            raise NotImplementedError("fastalign.trl: encoder-decoder models (T5, BART) are not supported yet; "
-                                      "PPOTrainer takes a decoder-only AutoModelForCausalLMWithValueHead")
         base = getattr(lm, "get_base_model", lambda: lm)()
         _, tokenizer = resolve(base if not isinstance(model, str) else model, tokenizer)
         if isinstance(ref_model, CausalLMWithValueHead):
@@ -55,7 +57,7 @@ class PPOTrainer(NativePPOTrainer):
                          lr_scheduler, peft_config=peft_config, reward_model=reward_model)
         self.accelerator = AcceleratorView(self.engine.device, self._log)
         self.is_distributed = self.world_size > 1
-        self.is_encoder_decoder = False
+        self.is_encoder_decoder = self.forwards.encoder_decoder
         self.log_history: list[dict] = []
         self._stats_logger = None
 
@@ -114,16 +116,27 @@ class PPOTrainer(NativePPOTrainer):
     def batched_forward_pass(self, model, queries, responses, model_inputs=None, return_logits: bool = False,
                              response_masks=None):
         """``(logprobs, logits or None, values, masks)``, each ``[B, L - 1]`` over right-padded
-        query+response rows (position t scores token t + 1); masks are 1 at response tokens."""
-        device, rows = self.current_device, [torch.cat([q, r]).to(self.current_device) for q, r in zip(queries, responses)]
-        width = max(len(x) for x in rows)
-        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long, device=device)
-        attention = torch.zeros_like(ids)
-        masks = torch.zeros(len(rows), width - 1, device=device)
-        for j, (row, q, r) in enumerate(zip(rows, queries, responses)):
-            ids[j, :len(row)], attention[j, :len(row)] = row, 1
-            masks[j, len(q) - 1:len(q) - 1 + len(r)] = 1 if response_masks is None else response_masks[j].float()
-        out = model(input_ids=ids, attention_mask=attention)
+        query+response rows (position t scores token t + 1); masks are 1 at response tokens. An
+        encoder-decoder model's rows are its decoder's, the start token then the response (every
+        response token is scored; TRL 0.7.10's mask skips the first)."""
+        device, pad = self.current_device, self.tokenizer.pad_token_id
+        if self.is_encoder_decoder:  # the decoder's rows: its start token, then the response
+            start = getattr(self.model.config, "decoder_start_token_id", None)
+            rows = [torch.cat([torch.tensor([pad if start is None else start]), r.cpu()]).to(device) for r in responses]
+            prompts = [1] * len(rows)
+        else:
+            rows = [torch.cat([q, r]).to(device) for q, r in zip(queries, responses)]
+            prompts = [len(q) for q in queries]
+        ids, attention = _right_padded(rows, pad, device)
+        masks = torch.zeros(len(rows), ids.shape[1] - 1, device=device)
+        for j, (p, r) in enumerate(zip(prompts, responses)):
+            masks[j, p - 1:p - 1 + len(r)] = 1 if response_masks is None else response_masks[j].float()
+        if self.is_encoder_decoder:
+            encoder_ids, encoder_mask = _right_padded([q.to(device) for q in queries], pad, device)
+            out = model(input_ids=encoder_ids, attention_mask=encoder_mask, decoder_input_ids=ids,
+                        decoder_attention_mask=attention)
+        else:
+            out = model(input_ids=ids, attention_mask=attention)
         logits = out[0] if isinstance(out, tuple) else out.logits
         values = out[2][:, :-1] if isinstance(out, tuple) else torch.zeros_like(masks)
         logprobs = logprobs_from_logits(logits[:, :-1, :], ids[:, 1:])
@@ -212,6 +225,16 @@ class PPOTrainer(NativePPOTrainer):
         with tempfile.TemporaryDirectory() as folder:
             self.save_pretrained(folder)
             return push_folder(folder, repo_id, kwargs.get("token"), kwargs.get("private"))
+
+
+def _right_padded(rows: list, pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, attention_mask)`` of 1-D token rows, right-padded with ``pad``."""
+    width = max(len(x) for x in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long, device=device)
+    attention = torch.zeros_like(ids)
+    for j, row in enumerate(rows):
+        ids[j, :len(row)], attention[j, :len(row)] = row, 1
+    return ids, attention
 
 
 def _plain(value):

@@ -13,6 +13,10 @@
 - A text row ends with the end-of-sequence token, so the model learns to stop (TRL's unpacked
   rows end without one unless the tokenizer adds it); rows read through
   ``DataCollatorForCompletionOnlyLM`` are tokenized as TRL tokenizes them, without it.
+- An encoder-decoder model (T5, BART) runs padded: a text row is both the encoder's input and the
+  decoder's target, as TRL's collator (``labels = input_ids``) makes it for a seq2seq model; a row
+  with a no-loss prefix (the completion-only collator's, or prompt/completion rows) gives that
+  prefix to the encoder and the rest to the decoder.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from transformers import DataCollatorForLanguageModeling
 
 from fastalign.algorithms import sft as native
 from fastalign.errors import ConfigError
-from fastalign.models import eval_mode, sequence_logprobs
+from fastalign.models import batch_sequence_logprobs, eval_mode
 
 from .base import TRLTrainer
 from .loading import resolve
@@ -121,6 +125,6 @@ class SFTTrainer(TRLTrainer, native.SFTTrainer):
             for k in range(len(batches)):
                 batch = batches[k].to(self.engine.device)
                 with self.engine.autocast():
-                    logps = sequence_logprobs(self.model, batch, average=False)
+                    logps = batch_sequence_logprobs(self.model, batch, average=False)
                 out[batches.plan[k]] = logps.double().cpu().numpy()
         return out[batches.store.kept]

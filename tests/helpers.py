@@ -1,5 +1,7 @@
 """Helpers shared by the tests (on sys.path through pytest's `pythonpath` setting)."""
 
+import contextlib
+
 import torch
 
 # Where the Triton path runs: natively on a GPU, else interpreted on the CPU.
@@ -32,3 +34,14 @@ def tiny_t5(seed: int = 0, dropout: float = 0.0, **config):
     options = dict(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2, decoder_start_token_id=0,
                    pad_token_id=0, eos_token_id=2, dropout_rate=dropout)
     return T5ForConditionalGeneration(T5Config(**{**options, **config}))
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """torch on one thread inside the block (a shared 2-core machine runs small models far faster so)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

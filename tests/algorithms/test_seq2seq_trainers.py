@@ -25,15 +25,13 @@ from fastalign.engine.metrics import read_metrics
 from fastalign.errors import ConfigError
 from fastalign.models import Seq2SeqBatch, Seq2SeqLMWithValueHead
 from fastalign.models.tiny import char_tokenizer
-from helpers import tiny_t5
+from helpers import one_torch_thread, tiny_t5
 
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 def words(n: int, seed: int) -> list[str]:

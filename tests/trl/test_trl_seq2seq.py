@@ -22,7 +22,7 @@ from fastalign.trl import (
     create_reference_model,
 )
 from fastalign.trl.core import LengthSampler
-from helpers import tiny_t5
+from helpers import one_torch_thread, tiny_t5
 
 WORDS = ["abc", "bead", "cafe", "dab", "faced", "ace", "bad", "fade"]
 PAIRS = [{"prompt": w + "=", "chosen": w.upper(), "rejected": w[::-1]} for w in WORDS]
@@ -30,10 +30,8 @@ PAIRS = [{"prompt": w + "=", "chosen": w.upper(), "rejected": w[::-1]} for w in 
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

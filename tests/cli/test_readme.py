@@ -16,6 +16,7 @@ SHORT = {
     "sft": ["--max_steps", "2"], "dpo": ["--max_steps", "2"], "reward": ["--max_steps", "2"],
     "ppo": ["--max_steps", "2", "--batch_size", "16", "--mini_batch_size", "8", "--generation_kwargs", "{max_new_tokens: 4}"],
     "ddpo": ["--num_epochs", "1", "--sample_num_steps", "4"],
+    **{algo: ["--max_steps", "2"] for algo in ("orpo", "cpo", "simpo", "kto")},
 }
 
 

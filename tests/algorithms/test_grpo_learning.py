@@ -1,11 +1,13 @@
-"""GRPO and RLOO learn on the built-in task: after the demo's short SFT, 100 steps with the task's
+"""GRPO and RLOO learn on the built-in task: after the demo's short SFT, 120 steps with the task's
 graded sortedness reward raise the mean reward of the sampled answers by more than 0.2.
 
-Settings: the demo's SFT (40 steps, ``fastalign.demo.DemoSettings``), then 100 optimizer steps of
-8 prompts x 8 completions (64 per step, one generation each), 9 new tokens at most, lr 2e-3
-constant, no KL (GRPO's default beta 0; RLOO's default beta 0.05). Figures on a 2-core CPU shared
-with other processes (seed 42): GRPO's sampled reward 0.19 over the first 5 steps, 0.55 over the
-last 10 (18 s); RLOO's 0.19 -> 0.54 (24 s; KL to the SFT model about 0.6 nats per token at the end).
+Settings: the demo's SFT (40 steps, ``fastalign.demo.DemoSettings``), then 120 optimizer steps of
+8 prompts x 8 completions (64 per step, one generation each), 9 new tokens at most, lr 1e-3
+constant, TRL's defaults otherwise (GRPO: beta 0, dapo loss; RLOO: beta 0.05). Figures on a 2-core
+CPU shared with other processes, mean sampled reward over the first 5 steps -> over the last 10,
+for seeds 42 / 0 / 1: GRPO 0.20 -> 0.54 / 0.58 / 0.54 (6-10 s); RLOO 0.20 -> 0.53 / 0.55 / 0.52
+(8-20 s; KL to the SFT model 0.4-0.6 nats per token at the end). At lr 2e-3 the gain swung from
++0.17 to +0.37 with the seed; 1e-3 is steadier.
 """
 
 import copy
@@ -20,7 +22,7 @@ from fastalign.engine.metrics import read_metrics
 from fastalign.models.tiny import char_tokenizer, tiny_model
 from fastalign.tasks import sort_digits
 
-STEPS = 100
+STEPS = 120
 MARGIN = 0.2
 
 
@@ -40,7 +42,7 @@ def sft_model(tmp_path_factory):
 
 def run(tmp_path, sft_model, trainer_class, config_class) -> list[dict]:
     config = config_class(output_dir=str(tmp_path), max_steps=STEPS, per_device_train_batch_size=64, num_generations=8,
-                          max_completion_length=sort_digits.MAX_DIGITS + 1, learning_rate=2e-3,
+                          max_completion_length=sort_digits.MAX_DIGITS + 1, learning_rate=1e-3,
                           lr_scheduler_type="constant", max_tokens_per_batch=2048, disable_tqdm=True)
     prompts = [{"prompt": r["prompt"]} for r in sort_digits.make_rows(5000, seed=1000)]
     trainer_class(copy.deepcopy(sft_model), "sort_digits", args=config, train_dataset=prompts,
@@ -58,7 +60,7 @@ def test_grpo_raises_the_sampled_reward(tmp_path, sft_model):
     log = run(tmp_path, sft_model, GRPOTrainer, GRPOConfig)
     first, last = mean(log[:5], "reward"), mean(log[-10:], "reward")
     assert last > first + MARGIN, (first, last)
-    assert "kl" not in log[-1] and log[-1]["rewards/sort_digits/mean"] == log[-1]["reward"]
+    assert "kl" not in log[-1] and log[-1]["rewards/sort_digits/mean"] == pytest.approx(log[-1]["reward"])
 
 
 def test_rloo_raises_the_sampled_reward(tmp_path, sft_model):

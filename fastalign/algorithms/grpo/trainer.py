@@ -109,6 +109,7 @@ class GroupTrainer(Checkpointed):
         self.global_step = 0  # optimizer steps done
         self.rollout: Rollout | None = None  # the generation being trained on
         self.num_tokens = 0.0  # prompt and completion tokens generated so far, every process's
+        self.last_generation: dict = {}  # the metrics of the latest generation
         self.logger = None
 
     # ---- what an algorithm supplies --------------------------------------------------------------
@@ -202,7 +203,8 @@ class GroupTrainer(Checkpointed):
         out = {"loss": distributed.all_reduce_sum([loss], device)[0] / self.world_size, "grad_norm": grad_norm,
                "learning_rate": lr, **metrics.reduce(device)}
         if generated:
-            out.update(window(generated))
+            self.last_generation = window(generated)
+            out.update(self.last_generation)
         self.global_step = step + 1
         out.update({"time/optimization": optimize + time.perf_counter() - t0, "num_tokens": self.num_tokens,
                     "epoch": self.global_step / self.steps_per_epoch, "step_time": time.perf_counter() - began,
@@ -214,8 +216,8 @@ class GroupTrainer(Checkpointed):
         """The run: ``max_steps`` optimizer steps (else ``num_train_epochs`` passes over the prompts),
         from the resumed checkpoint's step with ``resume_from_checkpoint``; metrics every
         ``logging_steps`` to ``metrics.jsonl``, a checkpoint every ``save_steps``, the model saved
-        to ``output_dir`` at the end. Returns the last step's metrics, ``train_runtime`` and
-        ``steps`` (the number this call ran)."""
+        to ``output_dir`` at the end. Returns the last step's metrics (with the latest
+        generation's), ``train_runtime`` and ``steps`` (the number this call ran)."""
         c = self.args
         set_seed(c.seed)  # the run repeats whatever ran between construction and train()
         if self.prompts_cut and distributed.is_main():
@@ -238,7 +240,7 @@ class GroupTrainer(Checkpointed):
                      save=self.save_checkpoint, finish=lambda: self.save_model(c.output_dir))
         finally:
             self.logger = None
-        return {**last, "train_runtime": time.perf_counter() - began,
+        return {**self.last_generation, **last, "train_runtime": time.perf_counter() - began,
                 "steps": max(self.num_training_steps - start, 0)}
 
     # ---- checkpoints -----------------------------------------------------------------------------

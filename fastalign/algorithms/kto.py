@@ -44,6 +44,7 @@ from fastalign.models import sequence_logprobs
 from fastalign.options import option
 
 from .dpo import DPOTrainer, ReferenceConfig
+from .reference_free import load_decoder_only
 
 
 @dataclass
@@ -84,6 +85,7 @@ class KTOTrainer(DPOTrainer):
     peft_config)``: ``DPOTrainer``'s reference handling over unpaired rows."""
 
     halves = SFT_HALVES
+    model_loader = staticmethod(load_decoder_only)
 
     def __init__(self, model, ref_model=None, args: KTOConfig | None = None, train_dataset=None, eval_dataset=None,
                  tokenizer=None, peft_config=None, optimizers=(None, None)):

@@ -23,8 +23,9 @@ from dataclasses import dataclass
 import torch
 
 from fastalign.data import IGNORE_INDEX, PackedBatch
+from fastalign.errors import ConfigError
 from fastalign.kernels import PreferenceLossOutput, fused_preference_loss
-from fastalign.models import head_logprobs, lm_head, load_model, packed_hidden, prepare_model
+from fastalign.models import head_logprobs, is_encoder_decoder, lm_head, load_model, packed_hidden, prepare_model
 from fastalign.options import option
 
 from .dpo import disable_dropout
@@ -41,6 +42,16 @@ class PairLossConfig(PairDataConfig):
     max_length: int | None = 1024
     max_prompt_length: int | None = 512
     disable_dropout: bool = option(True, "turn dropout off in the trained model")
+
+
+def load_decoder_only(model, **options):
+    """``load_model``, refusing an encoder-decoder model: CPO, SimPO, ORPO and KTO run packed only
+    (SFT, DPO and PPO take encoder-decoder models, padded)."""
+    model, report = load_model(model, **options)
+    if is_encoder_decoder(model):
+        raise ConfigError(f"{type(model).__name__} is an encoder-decoder model: CPO, SimPO, ORPO and KTO take "
+                          "decoder-only models (SFT, DPO and PPO train encoder-decoder ones)")
+    return model, report
 
 
 def chosen_prompt_nll(model, hidden: torch.Tensor, batch: PackedBatch) -> tuple[torch.Tensor | None, int, int]:
@@ -69,7 +80,7 @@ class ReferenceFreeTrainer(PairTrainer):
     goes to ``fused_preference_loss``), ``nll_coef`` and ``nll_on_prompt``, and may add logged sums
     in ``more_metrics``."""
 
-    model_loader = staticmethod(load_model)
+    model_loader = staticmethod(load_decoder_only)
     peft_task_type = "CAUSAL_LM"
     run_keys = PACKED_KEYS
     launch = classmethod(launch_packed)

@@ -32,6 +32,7 @@ from fastalign.demo import DemoSettings
 from fastalign.models import sequence_logprobs
 from fastalign.models.tiny import char_tokenizer, tiny_model
 from fastalign.tasks import sort_digits
+from helpers import one_torch_thread
 
 SEED = 0
 REFERENCE_FREE = {"cpo": (CPOTrainer, CPOConfig), "simpo": (SimPOTrainer, SimPOConfig),
@@ -40,12 +41,8 @@ REFERENCE_FREE = {"cpo": (CPOTrainer, CPOConfig), "simpo": (SimPOTrainer, SimPOC
 
 @pytest.fixture
 def one_thread():
-    """One torch thread: the tiny model gains little from two, and two contend badly with the
-    other processes of a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 def task_data(seed: int) -> dict:

@@ -155,3 +155,14 @@ def test_no_reference_is_built_or_run(tmp_path, monkeypatch, trainer_class, conf
     monkeypatch.setattr(reference_free, "packed_hidden", lambda model, batch: forwards.append(model) or real(model, batch))
     fastalign_loss(trainer)
     assert forwards == [trainer.model]
+
+
+def test_an_encoder_decoder_model_is_refused(tmp_path):
+    from fastalign.algorithms.kto import KTOConfig, KTOTrainer
+    from fastalign.errors import ConfigError
+    from helpers import tiny_t5
+
+    for trainer_class, config_class in ((ORPOTrainer, ORPOConfig), (KTOTrainer, KTOConfig)):
+        with pytest.raises(ConfigError, match="encoder-decoder model: CPO, SimPO, ORPO and KTO take decoder-only"):
+            trainer_class(tiny_t5(), args=config_class(output_dir=str(tmp_path)), train_dataset=ROWS,
+                          tokenizer=char_tokenizer())

@@ -99,11 +99,14 @@ def _rloo_loss(logp, old, adv, mask, c) -> torch.Tensor:
 
 def padded_steps(policy, reference, optimizer, prompts, completions, rewards: torch.Tensor, order: list[int], config,
                  steps: int, *, algorithm: str = "grpo", pad_token_id: int = 0, truncated: torch.Tensor | None = None,
-                 max_grad_norm: float | None = 1.0, timings: dict | None = None) -> torch.Tensor:
+                 max_grad_norm: float | None = 1.0, timings: dict | None = None,
+                 logprobs=padded_logprobs) -> torch.Tensor:
     """``steps`` optimizer steps on one generation (``rewards [N]``: summed over functions);
     returns the advantages. ``truncated [N]`` (bool) zeroes those completions' mask with
     ``mask_truncated_completions``. ``timings``, if a dict, gets the seconds of the forwards
-    (``logprobs``) and of the loss passes and optimizer steps (``optimization``)."""
+    (``logprobs``) and of the loss passes and optimizer steps (``optimization``). ``logprobs``:
+    the forward, ``padded_logprobs``'s signature (a fused head plugs in there); the loss passes
+    take the entropies too, as TRL's do."""
     c, ga, spg = config, config.gradient_accumulation_steps, config.steps_per_generation
     t0 = time.perf_counter()
     ids, attention, mask, P = padded_batch(prompts, completions, pad_token_id)
@@ -111,8 +114,8 @@ def padded_steps(policy, reference, optimizer, prompts, completions, rewards: to
         mask = mask * (~truncated).float()[:, None]
     need_old = algorithm == "rloo" or ga % (spg * c.num_iterations) != 0
     with torch.no_grad():
-        old = padded_logprobs(policy, ids, attention, P, c.temperature) if need_old else None
-        ref = padded_logprobs(reference, ids, attention, P, c.temperature) if c.beta != 0.0 else None
+        old = logprobs(policy, ids, attention, P, c.temperature) if need_old else None
+        ref = logprobs(reference, ids, attention, P, c.temperature) if c.beta != 0.0 else None
     if algorithm == "grpo":
         advantages = grpo_advantages(rewards, c.num_generations, c.scale_rewards)
     else:
@@ -125,7 +128,7 @@ def padded_steps(policy, reference, optimizer, prompts, completions, rewards: to
         for j in range(ga):
             part = (step * ga + j) % spg
             idx = torch.tensor(order[part * size:(part + 1) * size])
-            logp = padded_logprobs(policy, ids[idx], attention[idx], P, c.temperature)
+            logp, _ = logprobs(policy, ids[idx], attention[idx], P, c.temperature, entropy=True)
             old_i = logp.detach() if old is None else old[idx]
             if algorithm == "grpo":
                 loss = _grpo_loss(logp, old_i, None if ref is None else ref[idx], advantages[idx], mask[idx], c, num_items)

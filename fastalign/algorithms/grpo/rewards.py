@@ -64,7 +64,8 @@ class RewardFunctions:
 
     @classmethod
     def of(cls, reward_funcs, weights: list[float] | None, load_model: Callable) -> RewardFunctions:
-        """From what a trainer is given; ``load_model(name)`` loads a reward model by name or path."""
+        """From what a trainer is given; ``load_model(model)`` loads a reward model by name or path,
+        or sets one given as an object up to run packed rows (its attention backend)."""
         given = reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
         if not given or any(f is None for f in given):
             raise ValueError("give reward_funcs: one or more reward functions or reward models")
@@ -73,12 +74,9 @@ class RewardFunctions:
             if isinstance(f, str) and _is_function_name(f):
                 funcs.append(named_function(f, TEXT_REWARDS))
                 names.append(f.rpartition(":")[2])
-            elif isinstance(f, str):
+            elif isinstance(f, (str, torch.nn.Module)):  # a reward model, set up to run packed
                 funcs.append(load_model(f))
                 names.append(_model_name(funcs[-1]))
-            elif isinstance(f, torch.nn.Module):
-                funcs.append(f)
-                names.append(_model_name(f))
             elif callable(f):
                 funcs.append(f)
                 names.append(_callable_name(f))

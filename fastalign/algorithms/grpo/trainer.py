@@ -85,7 +85,7 @@ class GroupTrainer(Checkpointed):
         # adapters off, or a frozen copy of the model as it is now.
         reference = None
         if args.beta != 0.0 and ref_model is not None:
-            reference = load_model(ref_model)[0] if isinstance(ref_model, (str, Path)) else ref_model
+            reference = load_model(str(ref_model) if isinstance(ref_model, Path) else ref_model)[0]
         elif args.beta != 0.0 and not self.is_peft:
             reference = copy.deepcopy(model)
         self.engine = Engine(model, args, self.num_training_steps, *optimizers)

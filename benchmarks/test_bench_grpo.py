@@ -16,7 +16,7 @@ Phases, each timed in the same process, round by round (each round a fresh copy 
 - loss: the 2 micro-batches' forward (log-probs and entropies) and backward, and the step.
 
 The padded path is ``tests/grpo_padded.py`` (plain torch, TRL 1.16's step, checked against
-fastalign's to 1e-6 in ``tests/algorithms/test_grpo.py``) with TRL 1.16's fused lm_head: the body
+fastalign's to 1e-6 in ``tests/algorithms/test_grpo_trainer.py``) with TRL 1.16's fused lm_head: the body
 over the padded ``[64, P + C]`` batch, then the head at the completion tokens only (labels -100 at
 the padding), through the same fused ``linear_logprobs`` fastalign uses. So the two differ by the
 packing alone. fastalign's figures are the trainer's own phase timings (``time/*``). The table goes

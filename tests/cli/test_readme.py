@@ -17,6 +17,8 @@ SHORT = {
     "ppo": ["--max_steps", "2", "--batch_size", "16", "--mini_batch_size", "8", "--generation_kwargs", "{max_new_tokens: 4}"],
     "ddpo": ["--num_epochs", "1", "--sample_num_steps", "4"],
     **{algo: ["--max_steps", "2"] for algo in ("orpo", "cpo", "simpo", "kto")},
+    **{algo: ["--max_steps", "2", "--per_device_train_batch_size", "16", "--num_generations", "4",
+              "--max_completion_length", "4"] for algo in ("grpo", "rloo")},
 }
 
 

@@ -25,6 +25,7 @@ to benchmarks/out/grpo.md (and stdout). ``FASTALIGN_BENCH_QUICK=1``: 1 round, 2 
 
 from __future__ import annotations
 
+import collections
 import copy
 import os
 import platform
@@ -42,6 +43,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from grpo_padded import padded_batch, padded_steps  # noqa: E402
 
+from benchmarks.test_bench_ppo import _padded_scores  # noqa: E402  (prompt+completion right-padded, TRL's way)
 from fastalign.algorithms.grpo import GRPOConfig, GRPOTrainer, ModelGenerator  # noqa: E402
 from fastalign.kernels import linear_logprobs  # noqa: E402
 from fastalign.models import as_reward_model  # noqa: E402
@@ -106,21 +108,16 @@ def _config(seed):
                       shuffle_dataset=False, seed=seed)
 
 
-def _padded_scores(reward, prompts, completions):
-    seqs = [torch.cat([p, c]) for p, c in zip(prompts, completions)]
-    ids = torch.zeros(len(seqs), max(len(s) for s in seqs), dtype=torch.long)
-    attention = torch.zeros_like(ids)
-    for k, s in enumerate(seqs):
-        ids[k, :len(s)], attention[k, :len(s)] = s, 1
-    with torch.no_grad():
-        return reward(input_ids=ids, attention_mask=attention).logits[:, 0]
+def _models():
+    """The policy and a reward model of its shape (the PPO benchmark's)."""
+    torch.manual_seed(0)
+    policy, reward = tiny_model("llama", **MODEL, seed=0), as_reward_model(tiny_model("llama", **MODEL, seed=1))
+    reward.config.pad_token_id = 0
+    return policy, reward.eval()
 
 
 def _run(results):
-    torch.manual_seed(0)
-    lm = tiny_model("llama", **MODEL, seed=0)
-    reward = as_reward_model(tiny_model("llama", **MODEL, seed=1)).eval()
-    reward.config.pad_token_id = 0
+    lm, reward = _models()
     for rnd in range(ROUNDS):
         prompts, lengths = _workload(rnd)
         # Generation, shared: all completions in one left-padded batch, 128 new tokens, then cut.
@@ -161,28 +158,21 @@ def _table(results) -> str:
     gen = med["generation"]
     names = {"scoring": "scoring (reward model)", "forwards": "forwards (old + reference log-probs)",
              "loss": "loss (2 micro-batches, forward + backward, 1 step)"}
-    rows = ["| phase | fastalign (packed) s | padded, TRL 1.16-style s | padded / fastalign |", "|---|---|---|---|",
-            f"| generation (shared) | {gen:.3f} | {gen:.3f} | 1.00 |"]
-    for phase in PHASES:
-        a, b = med["fastalign", phase], med["padded", phase]
-        rows.append(f"| {names[phase]} | {a:.3f} | {b:.3f} | {b / a:.2f} |")
-    a = sum(med["fastalign", p] for p in PHASES)
-    b = sum(med["padded", p] for p in PHASES)
-    rows.append(f"| step without generation | {a:.3f} | {b:.3f} | {b / a:.2f} |")
-    rows.append(f"| whole step | {a + gen:.3f} | {b + gen:.3f} | {(b + gen) / (a + gen):.2f} |")
-    head = (f"GRPO step, {date.today()}, {platform.machine()}, {torch.get_num_threads()} threads, torch "
+    lines = [("generation (shared)", gen, gen)] + [(names[p], med["fastalign", p], med["padded", p]) for p in PHASES]
+    a, b = (sum(med[path, p] for p in PHASES) for path in ("fastalign", "padded"))
+    lines += [("step without generation", a, b), ("whole step", a + gen, b + gen)]
+    rows = ["| phase | fastalign (packed) s | padded, TRL 1.16-style s | padded / fastalign |", "|---|---|---|---|"]
+    rows += [f"| {name} | {x:.3f} | {y:.3f} | {y / x:.2f} |" for name, x, y in lines]
+    return (f"GRPO step, {date.today()}, {platform.machine()}, {torch.get_num_threads()} threads, torch "
             f"{torch.__version__}; {PROMPTS} prompts x {G} completions, {real} real tokens ({padded} padded: "
-            f"{1 - real / padded:.1%} pad); medians of {ROUNDS} rounds.")
-    return head + "\n\n" + "\n".join(rows) + "\n"
+            f"{1 - real / padded:.1%} pad); medians of {ROUNDS} rounds.\n\n" + "\n".join(rows) + "\n")
 
 
 @pytest.mark.benchmark(group="grpo step")
 def test_grpo_step_by_phase(benchmark):
-    results = {k: [] for k in ["generation"] + [(p, ph) for p in ("fastalign", "padded") for ph in PHASES]}
+    results = collections.defaultdict(list)
     benchmark.pedantic(_run, args=(results,), rounds=1, iterations=1)
-    table = _table(results)
     OUT.mkdir(exist_ok=True)
-    (OUT / "grpo.md").write_text(table)
+    (OUT / "grpo.md").write_text(table := _table(results))
     print("\n" + table)
-    med = {k: statistics.median(v) for k, v in results.items() if isinstance(v, list)}
-    assert med["fastalign", "forwards"] > 0 and med["padded", "forwards"] > 0
+    assert all(t > 0 for key, times in results.items() if key != "tokens" for t in times)

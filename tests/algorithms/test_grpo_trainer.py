@@ -180,3 +180,20 @@ def test_bad_inputs_are_named(tmp_path):
     t = trainer(tmp_path, rewards=(lambda prompts, completions: [1.0],), max_steps=1)
     with pytest.raises(ValueError, match="returned 1 rewards for 8 completions"):
         t.train()
+
+
+def test_peft_reference_is_the_model_with_adapters_disabled(tmp_path):
+    """With LoRA and beta > 0 the reference is the model with its adapters off (no copy): its
+    log-probs are the base model's, so the first step's KL is 0 and the second's is not."""
+    from peft import LoraConfig
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    t = GRPOTrainer(model(), token_reward, args=GRPOConfig(
+        output_dir=str(tmp_path / "run"), per_device_train_batch_size=8, num_generations=4, max_completion_length=6,
+        learning_rate=5e-2, beta=0.04, max_steps=2, disable_tqdm=True), train_dataset=PROMPTS,
+        processing_class=char_tokenizer(), generator=FixedGenerator(100), peft_config=lora)
+    assert t.ref_model is None and t.is_peft and t.rollouts.reference is t.model
+    t.train()
+    kls = [r["kl"] for r in read_metrics(tmp_path / "run")]
+    assert kls[0] == pytest.approx(0.0, abs=1e-7) and kls[1] > 0, kls
+    assert (tmp_path / "run" / "adapter_model.safetensors").exists()

@@ -233,9 +233,33 @@ def keys_help(algo: str) -> str:
     return "\n".join(lines)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's mistakes (an unknown command, a missing argument) as one ``fastalign: error:``
+    line and exit status 2, like every other mistake, instead of its usage block."""
+
+    def error(self, message):
+        where = "" if self.prog == "fastalign" else f"{self.prog}: "
+        raise ConfigError(f"{where}{message} (see {self.prog} --help)")
+
+
+def _check_algorithm(argv: list[str]) -> None:
+    """``fastalign train`` needs the algorithm first: a missing or unknown one named, with the choices."""
+    if not argv or argv[0] != "train" or (len(argv) > 1 and argv[1] in ("-h", "--help")):
+        return
+    names = list(algorithms())
+    given = argv[1] if len(argv) > 1 else None
+    if given is None or given.startswith("-"):
+        raise ConfigError(f"fastalign train needs the algorithm first: fastalign train ALGO [--config FILE] "
+                          f"[--key value ...], ALGO one of {', '.join(names)}")
+    if given not in names:
+        close = difflib.get_close_matches(given, names, n=1)
+        guess = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"unknown algorithm {given!r}{guess}; fastalign train takes {', '.join(names)}")
+
+
 def _parser() -> argparse.ArgumentParser:
     names = ", ".join(algorithms())
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fastalign", allow_abbrev=False,
         description=f"Kernel-accelerated, padding-free alignment training. Algorithms: {names}.",
         epilog="Exit status: 0 done, 2 a mistake in the config, data or paths given, 1 a failure while running.")
@@ -257,6 +281,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _command(argv: list[str]) -> int:
+    _check_algorithm(argv)
     parser = _parser()
     args, rest = parser.parse_known_args(argv)
     if args.command != "train" and rest:

@@ -140,3 +140,17 @@ def test_train_without_matplotlib_says_so_and_succeeds(tmp_path, fastalign, monk
     assert status == 0 and json.loads(out) == {"steps": 1} and not (tmp_path / "run" / "plots").exists()
     [line] = [line for line in err.splitlines() if "matplotlib" in line]
     assert line.startswith("fastalign: ") and "plot" in line
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["train"], "fastalign train needs the algorithm first"),
+    (["train", "--max_steps", "2"], "fastalign train needs the algorithm first"),
+    (["train", "sftt", "--config", "x.yaml"], "unknown algorithm 'sftt' (did you mean 'sft'?)"),
+    (["trian", "sft"], "invalid choice: 'trian'"),
+    (["train", "sft", "--config"], "fastalign train sft: argument --config: expected one argument"),
+    (["demo", "--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_a_command_line_mistake_is_one_line_too(fastalign, no_loading, argv, named):
+    status, out, err = fastalign(argv)
+    assert status == 2 and out == "" and "usage:" not in err
+    assert error_lines(err) == [err.strip()] and named in err

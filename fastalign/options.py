@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import math
 import numbers
 import operator
 import types
@@ -97,7 +98,8 @@ def describe(kind) -> str:
 
 
 def fits(value, kind) -> bool:
-    """Whether ``value`` is of the annotated ``kind`` (a bool is no int, an int is a float)."""
+    """Whether ``value`` is of the annotated ``kind`` (a bool is no int, an int is a float; a number
+    is finite: no config takes an infinite learning rate or a NaN coefficient)."""
     origin, args = typing.get_origin(kind), typing.get_args(kind)
     if origin in (typing.Union, types.UnionType):
         return any(fits(value, a) for a in args)
@@ -105,7 +107,7 @@ def fits(value, kind) -> bool:
         return value is None
     if kind in (int, float):
         number = numbers.Integral if kind is int else numbers.Real
-        return isinstance(value, number) and not isinstance(value, bool)
+        return isinstance(value, number) and not isinstance(value, bool) and math.isfinite(value)
     if origin in (list, tuple):
         return isinstance(value, origin) and all(fits(v, args[0]) for v in value)
     return isinstance(value, origin or kind)

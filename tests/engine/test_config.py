@@ -64,3 +64,15 @@ def test_good_values_pass_and_keep_their_meaning():
     assert config.max_grad_norm == 0 and config.learning_rate == 1 and config.report_to == ["tensorboard"]
     assert DDPOConfig(report_to="tensorboard", resume_from="runs/x").report_to == ("tensorboard",)
     assert DPOConfig(loss_type="ipo").average_log_prob is True
+
+
+@pytest.mark.parametrize("config_class, key, value", [
+    (SFTConfig, "learning_rate", math.inf),  # every weight NaN after the first step
+    (SFTConfig, "max_grad_norm", math.inf),
+    (DPOConfig, "beta", math.inf),
+    (PPOConfig, "target", -math.inf),
+    (DDPOConfig, "train_learning_rate", math.inf),
+])
+def test_a_number_must_be_finite(config_class, key, value):
+    with pytest.raises(ConfigError, match=rf"^{key} must be .*, got {value!r}$"):
+        config_class(**{key: value})

@@ -10,7 +10,9 @@ an in-memory ``datasets.Dataset``, or a plain list of row dicts. Everything goes
   again only then;
 - a split the source does not have is a ``ConfigError`` naming the ones it has; a single data file
   holds one split, ``train``;
-- a CSV cell is missing only when empty: ``NA``, ``null`` or ``nan`` stay the text they are;
+- a CSV cell is text, as written (``0278`` stays ``0278``, not the number 278; a margin is read
+  as a number where it is used), and missing only when empty: ``NA``, ``null`` or ``nan`` stay
+  the text they are;
 - rows read from one file remember it (``rows.source_file``), so the row errors of tokenizing them
   name it too.
 """
@@ -93,8 +95,24 @@ def _read_file(path: Path, shown: str, split: str, streaming: bool):
         raise ConfigError(
             f"{shown}: no split {split!r}: a single data file holds one split, 'train' (dataset_test_split "
             f"names a split, not a file: put train{suffix} and {split}{suffix} in one folder and give the folder)")
+    options = {**_OPTIONS.get(builder, {}), **_as_text(path, builder)}
     return _checked(lambda: datasets.load_dataset(builder, data_files=str(path), split=split, streaming=streaming,
-                                                  **_OPTIONS.get(builder, {})), [shown], shown, streaming)
+                                                  **options), [shown], shown, streaming)
+
+
+def _as_text(path: Path, builder: str | None) -> dict:
+    """For a CSV file, ``features`` reading every column of its header as text (pandas would read a
+    column of digits as numbers: ``0278`` as 278); else nothing. A header that cannot be read is left
+    to the reader (its error names the file)."""
+    if builder != "csv":
+        return {}
+    try:
+        header = next(csv.reader(text for _, text in _lines(path)), [])
+    except (DataError, OSError, EOFError, csv.Error):
+        return {}
+    if not header or len(set(header)) != len(header):
+        return {}
+    return {"features": datasets.Features({column: datasets.Value("string") for column in header})}
 
 
 def _read_folder(path: Path, shown: str, split: str, name: str | None, streaming: bool):
@@ -105,8 +123,8 @@ def _read_folder(path: Path, shown: str, split: str, name: str | None, streaming
     if split.split("[")[0] not in splits:
         raise ConfigError(f"{shown}: no split {split!r} (it has {_listed(splits)})")
     files = splits[split.split("[")[0]]
-    return _checked(lambda: datasets.load_dataset(str(path), name, split=split, streaming=streaming,
-                                                  **_OPTIONS.get(builder.name, {})),
+    options = {**_OPTIONS.get(builder.name, {}), **_as_text(Path(files[0]).expanduser(), _builder(Path(files[0])))}
+    return _checked(lambda: datasets.load_dataset(str(path), name, split=split, streaming=streaming, **options),
                     sum(splits.values(), []), files[0] if len(files) == 1 else shown, streaming)
 
 
@@ -167,15 +185,18 @@ def _scan(path: Path) -> tuple[str | None, str | None]:
 
 def _lines(path: Path):
     """The lines of a (packed) text file as ``(number, text)``; invalid UTF-8 is a ``DataError``."""
-    offset = 0
-    with (_PACKED.get(path.suffix) or open)(path, "rb") as f:
-        for number, line in enumerate(f, 1):
-            try:
-                yield number, line.decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise DataError(f"line {number}, byte {offset + error.start}: not valid UTF-8 "
-                                f"(data files are read as UTF-8)") from None
-            offset += len(line)
+    offset, number = 0, 0
+    try:
+        with (_PACKED.get(path.suffix) or open)(path, "rb") as f:
+            for number, line in enumerate(f, 1):
+                try:
+                    yield number, line.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    raise DataError(f"line {number}, byte {offset + error.start}: not valid UTF-8 "
+                                    f"(data files are read as UTF-8)") from None
+                offset += len(line)
+    except (OSError, EOFError, lzma.LZMAError) as error:  # a .gz/.bz2/.xz file that is not one, or cut short
+        raise DataError(f"not a valid {path.suffix} file ({' '.join(str(error).split())})") from None
 
 
 def _json_kinds(path: Path):

@@ -131,9 +131,30 @@ def test_csv_margins_that_are_not_finite_and_text_that_looks_missing(tmp_path):
         tokenize_rows(load_rows(str(csv)), PairEncoder(TOK), PAIR_HALVES)
     csv.write_text("prompt,chosen,rejected,margin\nNA,a,b,1\nnull,a,b,\n")  # texts, and a row without margin
     rows = load_rows(str(csv))
-    assert rows["prompt"] == ["NA", "null"] and rows["margin"] == [1.0, None]
+    assert rows["prompt"] == ["NA", "null"] and rows["margin"] == ["1", None]  # read as a number where used
     pairs, _ = tokenize_pairs(rows, TOK)
-    assert [TOK.decode(p.chosen_prompt) for p in pairs] == ["NA", "null"]
+    assert [TOK.decode(p.chosen_prompt) for p in pairs] == ["NA", "null"] and [p.margin for p in pairs] == [1.0, None]
+
+
+def test_csv_cells_are_text_as_written(tmp_path):
+    # pandas reads a column of digits as numbers: the completion "0278" would be 278, and refused.
+    csv = tmp_path / "rows.csv"
+    csv.write_text("prompt,completion\n8720=,0278\n12=,12\n")
+    rows = load_rows(str(csv))
+    assert rows["prompt"] == ["8720=", "12="] and rows["completion"] == ["0278", "12"]
+    sequences, _ = tokenize_sft(rows, TOK)
+    assert TOK.decode(sequences[0].input_ids) == "8720=0278" + TOK.eos_token
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.csv").write_text(csv.read_text())
+    assert load_rows(str(tmp_path / "data"))["completion"] == ["0278", "12"]
+
+
+@pytest.mark.parametrize("name", ["rows.jsonl.gz", "rows.jsonl.xz", "rows.jsonl.bz2"])
+def test_a_packed_file_that_is_not_packed_is_named(tmp_path, name):
+    path = tmp_path / name
+    path.write_text('{"text": "a"}\n')
+    with pytest.raises(DataError, match=named(path, rf"not a valid \{path.suffix} file")):
+        load_rows(str(path))
 
 
 # Chat rows.

@@ -7,7 +7,7 @@ an in-memory ``datasets.Dataset``, or a plain list of row dicts. Everything goes
 - a data file that cannot be read, or holds no rows, is a ``DataError`` naming the file and where
   it goes wrong (``rows.jsonl: line 4: not valid JSON``, ``line 2, byte 24: not valid UTF-8``,
   ``row 1050, column 'score': a string, unlike row 0 (a number)``), found by reading the file
-  again only then;
+  again only then (or when ``datasets`` read a column of mixed kinds, which it would change);
 - a split the source does not have is a ``ConfigError`` naming the ones it has; a single data file
   holds one split, ``train``;
 - a CSV cell is text, as written (``0278`` stays ``0278``, not the number 278; a margin is read
@@ -139,6 +139,13 @@ def _checked(load, files: list[str], source: str, streaming: bool):
         raise file_error(error, files, source) from error
     if not streaming and len(rows) == 0:
         raise DataError(f"{source}: no rows")
+    if not streaming and any(isinstance(f, datasets.Json) for f in rows.features.values()):
+        # A column of mixed kinds: datasets keeps it as JSON and decodes the texts that read as JSON
+        # (the completion "0278" would come back as the number 278). The first unlike value is named.
+        for file in files:
+            broken, unlike = _scan(Path(file).expanduser())
+            if broken or unlike:
+                raise DataError(f"{file}: {broken or unlike}")
     rows.fastalign_file = source  # read by rows.source_file
     return rows
 

@@ -124,6 +124,18 @@ def test_a_value_unlike_its_column_is_named_by_its_row(tmp_path):
         tokenize_rows(load_rows(str(csv)), PairEncoder(TOK), PAIR_HALVES)
 
 
+def test_a_column_of_mixed_kinds_is_named_by_its_row_not_changed(tmp_path):
+    # datasets keeps such a column as JSON and decodes every text that reads as JSON: the completion
+    # "0278" came back as the number 278, and the error named row 0.
+    rows = [{"prompt": f"{i}=", "completion": "0278"} for i in range(8)]
+    rows[5]["completion"] = 1
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    with pytest.raises(DataError, match=named(path, "row 5, column 'completion': a number, unlike row 0 .a string.$")):
+        load_rows(str(path))
+    rows[5]["completion"] = None  # a missing value is no other kind
+    assert load_rows(str(write_jsonl(path, rows)))["completion"][:6] == ["0278"] * 5 + [None]
+
+
 def test_csv_margins_that_are_not_finite_and_text_that_looks_missing(tmp_path):
     csv = tmp_path / "pairs.csv"
     csv.write_text("prompt,chosen,rejected,margin\n" + "".join(f"p,a,b,{'nan' if i == 4 else 2}\n" for i in range(6)))

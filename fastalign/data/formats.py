@@ -73,7 +73,7 @@ class SFTEncoder:
     def __post_init__(self):
         check_truncation(self.max_length, self.truncation_mode)
 
-    def _parse(self, row: dict, i: int, texts: Texts):
+    def _parse(self, row: dict, i: int, texts: Texts, vocab: int):
         """What the row holds: ``(ids, prompt, mask)`` known now, or the slots of texts to encode."""
         if self.formatting_func is not None:
             text = self.formatting_func(row)
@@ -81,7 +81,7 @@ class SFTEncoder:
                 raise row_error(i, "formatting_func", "must return a non-empty string")
             return "text", texts.add(text, True)
         if "input_ids" in row:
-            ids, labels = row_token_ids(row, i, "input_ids", "labels", "labels")
+            ids, labels = row_token_ids(row, i, "input_ids", "labels", "labels", vocab)
             return "ids", (ids, 0, None if labels is None else [label != IGNORE_INDEX for label in labels])
         if "messages" in row:
             messages = row_messages(row, i, "messages", learn_from_assistant=self.completion_only_loss)
@@ -102,7 +102,8 @@ class SFTEncoder:
 
     def __call__(self, rows: list[dict], indices: list[int]) -> dict[str, list]:
         texts = Texts()
-        parsed = [self._parse(row, i, texts) for row, i in zip(rows, indices)]
+        vocab = len(self.tokenizer)
+        parsed = [self._parse(row, i, texts, vocab) for row, i in zip(rows, indices)]
         texts.encode(self.tokenizer)
         out = {"ids": [], "prompt": [], "mask": [], "truncated": [], "loss": []}
         for kind, what in parsed:

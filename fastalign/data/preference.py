@@ -65,17 +65,17 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _attended(row, i, half) -> list[int]:
+def _attended(row, i, half, vocab: int) -> list[int]:
     """The pre-tokenized ids of one half where its attention mask (if any) is 1."""
-    ids, mask = row_token_ids(row, i, f"input_ids_{half}", f"attention_mask_{half}", "entries")
+    ids, mask = row_token_ids(row, i, f"input_ids_{half}", f"attention_mask_{half}", "entries", vocab)
     return ids if mask is None else [t for t, m in zip(ids, mask) if m]
 
 
-def _parse(tokenizer, row, i, texts: Texts):
+def _parse(tokenizer, row, i, texts: Texts, vocab: int):
     """What a row holds: its four id lists now (pre-tokenized, conversational rows), or the slots
     of its texts in ``texts`` (prompt or None, prompt + chosen, prompt + rejected)."""
     if "input_ids_chosen" in row:
-        full_c, full_r = _attended(row, i, "chosen"), _attended(row, i, "rejected")
+        full_c, full_r = _attended(row, i, "chosen", vocab), _attended(row, i, "rejected", vocab)
         n = _common_prefix(full_c, full_r)
         return "ids", (full_c[:n], full_c[n:], full_r[:n], full_r[n:])
     for column in ("chosen", "rejected"):
@@ -183,7 +183,8 @@ class PairEncoder:
 
     def __call__(self, rows: list[dict], indices: list[int]) -> dict[str, list]:
         texts = Texts()
-        parsed = [(_parse(self.tokenizer, row, i, texts), _margin(row, i)) for row, i in zip(rows, indices)]
+        vocab = len(self.tokenizer)
+        parsed = [(_parse(self.tokenizer, row, i, texts, vocab), _margin(row, i)) for row, i in zip(rows, indices)]
         texts.encode(self.tokenizer)
         out = {k: [] for k in ("chosen_ids", "chosen_prompt", "chosen_mask", "rejected_ids", "rejected_prompt",
                                "rejected_mask", "truncated", "loss", "margin")}

@@ -17,7 +17,7 @@ import torch
 
 from fastalign.errors import DataError
 
-from .rows import Texts, in_file, source_file
+from .rows import Texts, check_token_ids, in_file, source_file
 
 ASSISTANT = "\n\nAssistant:"
 
@@ -54,11 +54,12 @@ class PromptEncoder:
         texts = Texts()
         slots = [texts.add(q, True) if row.get("input_ids") is None else None for row, q in zip(rows, queries)]
         texts.encode(self.tokenizer)
-        out = {"query": [], "input_ids": []}
+        out, vocab = {"query": [], "input_ids": []}, len(self.tokenizer)
         for row, i, query, slot in zip(rows, indices, queries, slots):
             ids = texts[slot] if slot is not None else torch.as_tensor(row["input_ids"]).flatten().tolist()
             if len(ids) == 0:
                 raise DataError(f"dataset row {i}, column 'input_ids': the query has no tokens")
+            check_token_ids(ids, i, "input_ids", vocab)
             out["query"].append(query if query is not None else self.tokenizer.decode(ids, skip_special_tokens=True))
             out["input_ids"].append(ids)
         return out

@@ -86,15 +86,27 @@ def row_messages(row: dict, i: int, column: str, learn_from_assistant: bool = Fa
     return messages
 
 
-def row_token_ids(row: dict, i: int, ids_column: str, per_id_column: str, per_id: str):
-    """``(ids, values)``: the row's token ids (a non-empty list) and its ``per_id_column``, one
-    value per id (``None`` where the row has no such column); ``per_id`` names a value in errors."""
+def row_token_ids(row: dict, i: int, ids_column: str, per_id_column: str, per_id: str, vocab: int | None = None):
+    """``(ids, values)``: the row's token ids (a non-empty list, each in ``[0, vocab)``: the
+    tokenizer's) and its ``per_id_column``, one value per id (``None`` where the row has no such
+    column); ``per_id`` names a value in errors."""
     ids, values = row.get(ids_column), row.get(per_id_column)
     if not isinstance(ids, list) or not ids or not all(isinstance(t, int) for t in ids):
         raise row_error(i, ids_column, "expected a non-empty list of token ids")
+    check_token_ids(ids, i, ids_column, vocab)
     if values is not None and (not isinstance(values, list) or len(values) != len(ids)):
         raise row_error(i, per_id_column, f"expected {len(ids)} {per_id}, one per input id")
     return list(ids), values
+
+
+def check_token_ids(ids, i: int, column: str, vocab: int | None) -> None:
+    """Row ``i``'s token ids are ids of the tokenizer (``vocab`` of them, when known): a negative one,
+    or one past its vocabulary (ids made with another tokenizer), would fail in the model's
+    embedding at the first step."""
+    bad = next((t for t in ids if t < 0 or (vocab is not None and t >= vocab)), None)
+    if bad is not None:
+        limit = f"0 to {vocab - 1}, the tokenizer's" if vocab is not None else "0 or more"
+        raise row_error(i, column, f"token id {bad} is not an id of the tokenizer (expected {limit})")
 
 
 def with_eos(tokenizer, ids: list[int]) -> list[int]:

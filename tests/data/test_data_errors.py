@@ -209,6 +209,25 @@ def test_a_null_prompt_is_not_an_implicit_prompt():
     assert TOK.decode(pair.chosen_prompt) == "a"
 
 
+# Token ids given as data.
+
+@pytest.mark.parametrize("encoder, halves, row, column", [
+    (SFTEncoder(TOK), SFT_HALVES, {"input_ids": [5, 99999]}, "input_ids"),
+    (SFTEncoder(TOK), SFT_HALVES, {"input_ids": [5, -3, 7]}, "input_ids"),
+    (PairEncoder(TOK), PAIR_HALVES, {"input_ids_chosen": [5, 6, 100], "input_ids_rejected": [5, 7]}, "input_ids_chosen"),
+])
+def test_a_token_id_outside_the_vocabulary_is_named_by_its_row(tmp_path, encoder, halves, row, column):
+    # It failed at the first step as "IndexError: index out of range in self".
+    good = {"input_ids": [5, 6, 7]} if halves == SFT_HALVES else {"input_ids_chosen": [5, 6], "input_ids_rejected": [5, 7]}
+    path = write_jsonl(tmp_path / "ids.jsonl", [good] * 5 + [row])
+    with pytest.raises(DataError, match=named(path, f"row 5, column '{column}': token id -?\\d+ is not an id of the "
+                                                    r"tokenizer \(expected 0 to 99, the tokenizer's\)")):
+        tokenize_rows(load_rows(str(path)), encoder, halves)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"input_ids": [5, 6]}] * 5 + [{"input_ids": [5, 100]}])
+    with pytest.raises(DataError, match=named(prompts, "row 5, column 'input_ids': token id 100 is not an id")):
+        tokenize_prompts(load_rows(str(prompts)), TOK)
+
+
 # Split names.
 
 def test_a_single_file_holds_the_train_split_only(tmp_path):

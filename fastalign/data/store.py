@@ -128,7 +128,9 @@ def token_data(rows, encode, halves, **options):
     a streamed data set a ``Stream`` (tokenized as it is read)."""
     if isinstance(rows, datasets.IterableDataset):
         return Stream(rows, encode, halves)
-    return store_of(tokenize_rows(rows, encode, halves, **options), halves)
+    store = store_of(tokenize_rows(rows, encode, halves, **options), halves)
+    store.source = source_file(rows)
+    return store
 
 
 @contextlib.contextmanager
@@ -218,6 +220,10 @@ class TokenStore:
             self.sequence_extras["label"] = labels[:, None].astype(np.float32)
         truncated = int(np.count_nonzero(table.column("truncated").to_numpy(zero_copy_only=False)))
         self.report = TokenizeReport(len(table), truncated, len(table) - len(self.kept), unit, dropped_because)
+        # Where the rows come from, for errors: the data file (when there is one) and the data set
+        # row of store row 0 (a stream window's first row).
+        self.source: str | None = None
+        self.first_row = 0
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -314,6 +320,7 @@ class StreamBatches:
             with in_file(file):
                 table = encode_table(rows, self.encode, self.halves, self.start)
             store = store_of(table, self.halves)
+            store.source, store.first_row = file, self.start
             self.window_len = len(rows)
             if len(store.kept):
                 self.window, self.used = Batches(store, self.plan_of(store), self.collate), 0

@@ -29,6 +29,7 @@ from transformers import set_seed
 
 from fastalign.data import PackedBatch, pack, plan_units
 from fastalign.data.store import Batches, Stream, StreamBatches, TokenStore
+from fastalign.errors import ConfigError, DataError
 from fastalign.models.modes import eval_mode
 
 from . import distributed
@@ -94,11 +95,12 @@ class Trainer(LossPasses, Checkpointed):
                  eval_data: TokenStore | None = None, tokenizer=None, optimizers=(None, None)):
         self.streamed = isinstance(train_data, Stream)
         if self.streamed and args.max_steps <= 0:
-            raise ValueError("a streamed training set has no known length: set max_steps")
+            raise ConfigError("a streamed training set has no known length: set max_steps")
         if isinstance(eval_data, Stream):
-            raise ValueError("the evaluation set cannot be streamed: give a Dataset, a list or a file")
+            raise ConfigError("the evaluation set cannot be streamed: give a Dataset, a list or a file")
         if not self.streamed and len(train_data.kept) == 0:
-            raise ValueError("the training set is empty (after tokenization and truncation)")
+            where = f"{train_data.source}: " if train_data.source else ""
+            raise DataError(f"{where}nothing left to train on after tokenization and truncation: {train_data.report}")
         self.args = args
         self.tokenizer = tokenizer
         self.train_batches = self.make_batches(train_data)
@@ -123,10 +125,11 @@ class Trainer(LossPasses, Checkpointed):
         kept, budget = store.kept, self.args.max_tokens_per_batch
         lengths = store.lengths[kept]
         if len(lengths) and lengths.max() > budget:
-            row = int(kept[lengths.argmax()])
+            row = store.first_row + int(kept[lengths.argmax()])
             both = " (its two halves)" if len(store.halves) == 2 else ""
-            raise ValueError(f"row {row} has {int(lengths.max())} tokens{both}, more than max_tokens_per_batch="
-                             f"{budget}: raise it{' to at least 2 x max_length' if both else ''}, or lower max_length")
+            where = f"{store.source}: " if store.source else ""
+            raise DataError(f"{where}row {row} has {int(lengths.max())} tokens{both}, more than max_tokens_per_batch="
+                            f"{budget}: raise it{' to at least 2 x max_length' if both else ''}, or lower max_length")
         return [kept[units] for units in self.planner(lengths, budget)]
 
     def make_batches(self, data: TokenStore | Stream) -> Batches | StreamBatches:

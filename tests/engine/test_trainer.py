@@ -20,7 +20,8 @@ def make_trainer(tmp_path, model=None, **overrides):
                    disable_tqdm=True, seed=0)
     options.update(overrides)
     model = model if model is not None else tiny_model("llama", hidden_size=32, layers=1, heads=2, seed=1)
-    return SFTTrainer(model, args=SFTConfig(**options), train_dataset=ROWS, tokenizer=char_tokenizer())
+    rows = options.pop("train_dataset", ROWS)
+    return SFTTrainer(model, args=SFTConfig(**options), train_dataset=rows, tokenizer=char_tokenizer())
 
 
 def losses(run_dir, key="loss"):
@@ -154,3 +155,21 @@ def test_tensorboard_when_asked(tmp_path):
     events.Reload()
     assert [e.step for e in events.Scalars("loss")] == [1, 2]
     assert losses(tmp_path / "run") == pytest.approx([e.value for e in events.Scalars("loss")], rel=1e-6)
+
+
+def test_rows_that_cannot_be_trained_on_are_named_with_their_file(tmp_path):
+    # These were bare ValueErrors (exit status 1) that named no file.
+    from fastalign.data import load_rows
+    from fastalign.errors import DataError
+
+    rows = ROWS[:8]
+    rows[5] = {"prompt": "1=", "completion": "7" * 200}
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=rf"^{path}: row 5 has 203 tokens, more than max_tokens_per_batch=64"):
+        make_trainer(tmp_path, train_dataset=load_rows(str(path)), max_length=None)
+    with pytest.raises(DataError, match=rf"^{path}: row 5 has 203 tokens"):  # a stream names the data set's row
+        make_trainer(tmp_path, train_dataset=load_rows(str(path), streaming=True), max_length=None,
+                     stream_window_rows=3).train()
+    with pytest.raises(DataError, match=rf"^{path}: nothing left to train on .*: 8 rows: 8 truncated, 8 dropped"):
+        make_trainer(tmp_path, train_dataset=load_rows(str(path)), max_length=2, truncation_mode="keep_start")

@@ -74,10 +74,13 @@ def tokenize_prompts(rows, tokenizer, num_proc: int | None = None, main_first=co
     encode = PromptEncoder(tokenizer)
     if isinstance(rows, datasets.Dataset):
         num_proc = default_num_proc(len(rows)) if num_proc is None else num_proc
-        with main_first(), in_file(source_file(rows)):
+        file = source_file(rows)
+        with main_first(), in_file(file):
             rows = rows.map(RowBatches(encode), batched=True, with_indices=True, desc="tokenizing the prompts",
                             num_proc=num_proc if num_proc > 1 and len(rows) >= 2 * num_proc else None)
-        return rows.with_format("torch", columns=["input_ids"], output_all_columns=True)
+        prepared = rows.with_format("torch", columns=["input_ids"], output_all_columns=True)
+        prepared.fastalign_file = file  # the rows' data file stays named in later checks (rows.source_file)
+        return prepared
     rows = list(rows)
     columns = encode(rows, list(range(len(rows))))
     return [dict(row, query=q, input_ids=torch.tensor(ids, dtype=torch.long))

@@ -545,3 +545,10 @@ def test_a_prompt_too_long_for_its_budget_is_named_before_any_generation(tmp_pat
     monkeypatch.setattr(t, "generate", lambda *a, **k: pytest.fail("generated before checking the prompts"))
     with pytest.raises(ConfigError, match=rf"prompt row {len(prompts) - 1} has \d+ tokens.*max_new_tokens=16"):
         t.train(digit_reward, {"max_new_tokens": 16})
+    # Prompts read from a data file: the message names the file too.
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in prompts))
+    t = PPOTrainer(PPOConfig(batch_size=8, max_steps=1, max_tokens_per_batch=48, output_dir=str(tmp_path / "file"),
+                             disable_tqdm=True), small(), tokenizer=char_tokenizer(), dataset=str(path))
+    with pytest.raises(ConfigError, match=rf"^{path}: prompt row {len(prompts) - 1} has \d+ tokens"):
+        t.train(digit_reward, {"max_new_tokens": 16})

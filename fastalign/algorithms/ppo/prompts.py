@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 import datasets
 import torch
 
+from fastalign.data.rows import source_file
 from fastalign.engine import distributed
 from fastalign.errors import ConfigError
 
@@ -58,5 +59,7 @@ def check_prompt_lengths(dataset, max_new_tokens: int, max_tokens_per_batch: int
         limit, what = max_positions, f"the model's {max_positions} positions"
     longest = max(range(len(lengths)), key=lengths.__getitem__)
     if lengths[longest] + max_new_tokens > limit:
-        raise ConfigError(f"prompt row {longest} has {lengths[longest]} tokens: with max_new_tokens={max_new_tokens} "
-                          f"it does not fit {what}; shorten or drop the long prompts, or lower max_new_tokens")
+        file = source_file(dataset)
+        raise ConfigError(f"{file + ': ' if file else ''}prompt row {longest} has {lengths[longest]} tokens: with "
+                          f"max_new_tokens={max_new_tokens} it does not fit {what}; shorten or drop the long prompts, "
+                          "or lower max_new_tokens")

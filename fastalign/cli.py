@@ -187,6 +187,7 @@ def train(algo: str, config_path: str | None, overrides: list[str], plots: bool 
     values.update(parse_overrides(overrides))
     _check_owner(algo, values)
     config, run = build_config.__wrapped__(config_class, values, run_keys(algo))
+    _check_output_dir(getattr(config, "output_dir", None))
     result = trainer_class.launch(config, run)
     if distributed.is_main():
         print(json.dumps(result, indent=1))
@@ -205,6 +206,14 @@ def _plot(output_dir) -> None:
         print(f"fastalign: no plots: {err}", file=sys.stderr)
         return
     print(f"fastalign: {len(written)} plots in {Path(output_dir) / 'plots'}", file=sys.stderr)
+
+
+def _check_output_dir(output_dir) -> None:
+    """``output_dir`` names a folder (it may not exist yet): not empty text, not a file."""
+    if isinstance(output_dir, str) and not output_dir.strip():
+        raise ConfigError(f"output_dir must name a folder, got {output_dir!r}")
+    if output_dir and Path(output_dir).exists() and not Path(output_dir).is_dir():
+        raise ConfigError(f"output_dir {output_dir} is a file, not a folder")
 
 
 def _check_owner(algo: str, values: dict) -> None:

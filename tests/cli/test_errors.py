@@ -154,3 +154,15 @@ def test_a_command_line_mistake_is_one_line_too(fastalign, no_loading, argv, nam
     status, out, err = fastalign(argv)
     assert status == 2 and out == "" and "usage:" not in err
     assert error_lines(err) == [err.strip()] and named in err
+
+
+@pytest.mark.parametrize("output_dir, named", [("", "output_dir must name a folder, got ''"),
+                                               ("notes.txt", "output_dir {tmp}/notes.txt is a file, not a folder")])
+def test_an_output_dir_that_is_no_folder_is_refused_before_anything_loads(tmp_path, fastalign, no_loading,
+                                                                          output_dir, named):
+    # '' trained into the working directory; a file failed after loading with FileExistsError (status 1).
+    (tmp_path / "notes.txt").write_text("mine")
+    target = output_dir and str(tmp_path / output_dir)
+    status, _, err = fastalign(sft_argv(tmp_path) + ["--output_dir", target])
+    assert status == 2 and error_lines(err) == [f"fastalign: error: {named.format(tmp=tmp_path)}"]
+    assert (tmp_path / "notes.txt").read_text() == "mine"

@@ -9,12 +9,45 @@ preference losses), so the step is the same whatever the split over devices and 
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from fastalign.errors import ConfigError
 from fastalign.options import check_fields, option
 
 SCHEDULES = ("linear", "cosine", "constant")
+DEEPSPEED_SHORT_KEYS = ("stage", "offload_optimizer", "offload_param")
+
+
+def deepspeed_settings(given) -> dict:
+    """What the ``deepspeed`` option names, read and checked: a full DeepSpeed config (a mapping with
+    ``zero_optimization``, or a JSON file of one) as it is, else the short keys (``stage`` 0-3,
+    ``offload_optimizer``, ``offload_param``, which needs stage 3). A file that is missing is a
+    ``FileNotFoundError``; one that is not JSON, or a key or stage that is not known, a ``ConfigError``."""
+    if isinstance(given, (str, Path)):
+        path = Path(given)
+        if not path.is_file():
+            raise FileNotFoundError(f"deepspeed config {path} not found")
+        try:
+            given = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ConfigError(f"deepspeed config {path}: not valid JSON ({' '.join(str(err).split())})") from None
+        if not isinstance(given, dict):
+            raise ConfigError(f"deepspeed config {path} must hold a JSON object, got {type(given).__name__}")
+    given = dict(given or {"stage": 0})
+    if "zero_optimization" in given:
+        return given
+    unknown = set(given) - set(DEEPSPEED_SHORT_KEYS)
+    if unknown:
+        raise ConfigError(f"deepspeed: unknown short keys {sorted(unknown)}; use stage, offload_optimizer, "
+                          "offload_param, or a full DeepSpeed config with zero_optimization")
+    stage = given.get("stage", 0)
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+        raise ConfigError(f"deepspeed: ZeRO stage must be 0, 1, 2 or 3, got {stage!r}")
+    if given.get("offload_param") and stage != 3:
+        raise ConfigError("deepspeed: offload_param needs ZeRO stage 3")
+    return given
 
 
 @dataclass
@@ -74,6 +107,8 @@ class TrainingConfig:
             raise ConfigError(f"report_to: unknown {sorted(unknown)}; fastalign reports to 'tensorboard' or 'none'")
         if self.num_train_epochs < 1 and self.max_steps <= 0:
             raise ConfigError(f"num_train_epochs must be >= 1 when max_steps is not set, got {self.num_train_epochs}")
+        if self.deepspeed is not None:
+            deepspeed_settings(self.deepspeed)  # a bad file or key is named now, not once the model is loaded
 
     @classmethod
     def field_names(cls) -> set[str]:

@@ -23,11 +23,11 @@ such a parameter and routes its gradient back to the shard.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-from pathlib import Path
 
 import torch
+
+from .config import deepspeed_settings
 
 if not torch.cuda.is_available():
     # DeepSpeed (imported by transformers when saving too) otherwise guesses, and warns, on CPU.
@@ -123,28 +123,14 @@ def local_main_first():
 
 def deepspeed_config(config) -> dict:
     """The full DeepSpeed config for a fastalign ``TrainingConfig``."""
-    given = config.deepspeed
-    if isinstance(given, (str, Path)):
-        path = Path(given)
-        if not path.is_file():
-            raise FileNotFoundError(f"deepspeed config {path} not found")
-        given = json.loads(path.read_text())
-    given = dict(given or {"stage": 0})
+    given = deepspeed_settings(config.deepspeed)
     if "zero_optimization" in given:
         ds = given
     else:
-        unknown = set(given) - {"stage", "offload_optimizer", "offload_param"}
-        if unknown:
-            raise ValueError(f"deepspeed: unknown short keys {sorted(unknown)}; use stage, offload_optimizer, "
-                             "offload_param, or a full DeepSpeed config with zero_optimization")
         zero = {"stage": int(given.get("stage", 0))}
-        if zero["stage"] not in (0, 1, 2, 3):
-            raise ValueError(f"deepspeed: ZeRO stage must be 0, 1, 2 or 3, got {zero['stage']}")
         if given.get("offload_optimizer"):
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
         if given.get("offload_param"):
-            if zero["stage"] != 3:
-                raise ValueError("deepspeed: offload_param needs ZeRO stage 3")
             zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
         ds = {"zero_optimization": zero}
     gas = config.gradient_accumulation_steps

@@ -76,3 +76,18 @@ def test_good_values_pass_and_keep_their_meaning():
 def test_a_number_must_be_finite(config_class, key, value):
     with pytest.raises(ConfigError, match=rf"^{key} must be .*, got {value!r}$"):
         config_class(**{key: value})
+
+
+@pytest.mark.parametrize("deepspeed, named", [
+    ({"stage": 7}, r"^deepspeed: ZeRO stage must be 0, 1, 2 or 3, got 7$"),
+    ({"stagee": 2}, r"^deepspeed: unknown short keys \['stagee'\]"),
+    ({"stage": 2, "offload_param": True}, r"^deepspeed: offload_param needs ZeRO stage 3$"),
+    ("ds.json", r"^deepspeed config .*ds.json: not valid JSON \(Expecting property name"),
+])
+def test_a_bad_deepspeed_setting_is_named_when_the_config_is_built(tmp_path, deepspeed, named):
+    # These were ValueErrors (exit status 1) raised once the model was loaded, or a bare JSONDecodeError.
+    (tmp_path / "ds.json").write_text("{stage: 2,")
+    value = str(tmp_path / deepspeed) if isinstance(deepspeed, str) else deepspeed
+    with pytest.raises(ConfigError, match=named):
+        SFTConfig(deepspeed=value)
+    assert SFTConfig(deepspeed={"stage": 3, "offload_param": True}).deepspeed["stage"] == 3

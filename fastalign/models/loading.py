@@ -170,8 +170,17 @@ def prepare_model(model, tokenizer=None, peft_config=None, loader=load_model):
     model, report = loader(model)
     if peft_config is not None:
         from peft import get_peft_model
+        from peft.utils.error import NoMatchingPeftModuleError
 
-        model = get_peft_model(model, peft_config)
+        try:
+            model = get_peft_model(model, peft_config)
+        except NoMatchingPeftModuleError:
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+            targets = peft_config.target_modules
+            targets = targets if isinstance(targets, str) else sorted(targets)
+            raise ConfigError(f"LoRA target modules {targets} (lora_target_modules): no "
+                              f"module of {type(model).__name__} has such a name; its linear layers are "
+                              f"{', '.join(linear)}") from None
     return model, tokenizer, report
 
 

@@ -60,3 +60,15 @@ def test_gradient_checkpointing_gives_the_same_step(tmp_path):
         runs.append(t.model)
     for p, q in zip(runs[0].parameters(), runs[1].parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+
+
+def test_lora_target_modules_the_model_lacks_are_named_with_its_linear_layers():
+    # peft's NoMatchingPeftModuleError reached the command as a failure at run time (status 1).
+    from peft import LoraConfig
+
+    from fastalign.errors import ConfigError
+    from fastalign.models.loading import prepare_model
+
+    with pytest.raises(ConfigError, match=r"^LoRA target modules \['nonexistent_proj'\] \(lora_target_modules\): no "
+                                          r"module of LlamaForCausalLM .* its linear layers are down_proj, .*q_proj"):
+        prepare_model("fastalign/tiny-llama", peft_config=LoraConfig(target_modules=["nonexistent_proj"]))

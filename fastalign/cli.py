@@ -238,6 +238,7 @@ def keys_help(algo: str) -> str:
     lines.append("run keys (what to train: the model, the data, ...):")
     for key in trainer_class.run_keys:
         kind = key.kind.__name__ + (f", one of {', '.join(map(repr, key.choices))}" if key.choices else "")
+        kind += f", {key.constraint}" if key.bounds else ""
         lines.append(entry(key.name, kind, key.default, key.help, key.required))
     return "\n".join(lines)
 

@@ -9,13 +9,14 @@ result. The ``fastalign`` command reads only these declarations.
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from fastalign.engine import distributed
 from fastalign.errors import ConfigError
-from fastalign.options import describe
+from fastalign.options import BOUNDS, describe
 
 if TYPE_CHECKING:
     import peft
@@ -36,6 +37,12 @@ class RunKey:
     default: object = None
     required: bool = False
     choices: tuple = ()
+    bounds: tuple = ()  # (("ge", 1), ("lt", 1)): bounds on a number, as ``fastalign.options.option`` takes
+
+    @property
+    def constraint(self) -> str:
+        """The bounds in words: ``">= 0 and < 1"``, or ``""``."""
+        return " and ".join(f"{BOUNDS[b][1]} {v}" for b, v in self.bounds)
 
     def check(self, value):
         """``value`` as this key takes it (an int for a float, a text alone for a list), or a
@@ -50,6 +57,8 @@ class RunKey:
             raise ConfigError(f"{self.name} must be {describe(self.kind)}, got {value!r}")
         if self.choices and value not in self.choices:
             raise ConfigError(f"{self.name} must be one of {', '.join(map(repr, self.choices))}, got {value!r}")
+        if self.bounds and not (math.isfinite(value) and all(BOUNDS[b][0](value, v) for b, v in self.bounds)):
+            raise ConfigError(f"{self.name} must be {describe(self.kind)} {self.constraint}, got {value!r}")
         return value
 
 
@@ -69,9 +78,9 @@ DATA_KEYS = (
 EVAL_KEYS = (RunKey("dataset_test_split", str, "a split evaluated at eval_steps and at the end"),)
 PEFT_KEYS = (
     RunKey("use_peft", bool, "train LoRA adapters instead of the whole model", default=False),
-    RunKey("lora_r", int, "LoRA rank", default=16),
-    RunKey("lora_alpha", int, "LoRA alpha", default=32),
-    RunKey("lora_dropout", float, "LoRA dropout", default=0.05),
+    RunKey("lora_r", int, "LoRA rank", default=16, bounds=(("ge", 1),)),
+    RunKey("lora_alpha", int, "LoRA alpha", default=32, bounds=(("ge", 1),)),
+    RunKey("lora_dropout", float, "LoRA dropout", default=0.05, bounds=(("ge", 0), ("lt", 1))),
     RunKey("lora_target_modules", list, "module names to adapt (default: the model type's usual ones)"),
 )
 REF_MODEL_KEY = RunKey("ref_model_name_or_path", str, "a separate reference model (default: a frozen copy, or the "

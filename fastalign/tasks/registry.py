@@ -1,6 +1,7 @@
 """Named functions, one registry: what a config's ``reward_function`` or ``prompt_function`` names.
 
-A name is a built-in below or ``package.module:function``. PPO's rewards score texts
+A name is a built-in below or ``package.module:function``, imported as Python imports it, the
+working directory first (as ``python -m`` does: ``myreward.py`` there is ``myreward:score``). PPO's rewards score texts
 (``(queries, responses) -> one float each``); DDPO's score images (``(images, prompts, metadata)
 -> (rewards, metadata)``); DDPO's prompt functions return ``(prompt, metadata)``.
 """
@@ -8,6 +9,8 @@ A name is a built-in below or ``package.module:function``. PPO's rewards score t
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 
 from fastalign.errors import ConfigError
 
@@ -32,6 +35,8 @@ def named_function(spec: str, builtins: dict, kind: str = "reward_function"):
     module, _, name = spec.partition(":")
     if not module or not name:
         raise ConfigError(f"{kind} {spec!r}: expected one of {sorted(builtins)} or 'package.module:function'")
+    if os.getcwd() not in sys.path and "" not in sys.path:  # the fastalign script's own path lacks it
+        sys.path.insert(0, os.getcwd())
     try:
         fn = getattr(importlib.import_module(module), name, None)
     except ImportError as err:

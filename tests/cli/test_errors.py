@@ -43,6 +43,9 @@ def no_loading(monkeypatch):
     (["--dtype", "float33"], "dtype must be one of 'float32', 'bfloat16', 'float16', 'auto', got 'float33'"),
     (["--trust_remote_code", "nope"], "trust_remote_code must be true or false, got 'nope'"),
     (["--lora_r", "8.5"], "lora_r must be an integer, got 8.5"),
+    (["--lora_r", "0"], "lora_r must be an integer >= 1, got 0"),  # peft's own ValueError, after loading
+    (["--lora_dropout", "2"], "lora_dropout must be a number >= 0 and < 1, got 2.0"),  # accepted
+
     (["--learnin_rate", "1e-3"], "'learnin_rate' (did you mean 'learning_rate'?)"),
     (["stray"], "expected --key value, got 'stray'"),
     (["--config", "nope.yaml"], "nope.yaml"),

@@ -55,3 +55,41 @@ def test_reward_function_by_name():
         reward_function("math:nope")
     with pytest.raises(ValueError, match="expected one of"):
         reward_function("nonsense")
+
+
+def _no_model(*args, **kwargs):
+    raise AssertionError("a model was loaded")
+
+
+@pytest.mark.parametrize("extra, named", [
+    (["--num_shared_layers", "-1"], "num_shared_layers must be an integer >= 0, got -1"),
+    (["--generation_kwargs", "{max_new_tokens: 0}"], "generation_kwargs: `max_new_tokens` must be greater than 0"),
+    (["--generation_kwargs", "{max_new_tokens: 4, bogus_option: 1}"], "unknown sampling option(s) bogus_option"),
+    (["--generation_kwargs", "{max_new_token: 4}"], "max_new_token (did you mean 'max_new_tokens'?)"),
+])
+def test_ppo_run_keys_are_checked_before_anything_loads(tmp_path, monkeypatch, extra, named):
+    # Each was a ValueError of transformers or of the reference (exit status 1) once the model had loaded.
+    monkeypatch.setattr("fastalign.algorithms.ppo.launch.load_policy", _no_model)
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(json.dumps({"query": "12="}) + "\n")
+    with pytest.raises(SystemExit) as exit:
+        cli.train("ppo", str(ROOT / "configs" / "ppo_local.yaml"), ["--dataset_name", str(data), *extra])
+    assert exit.value.code == 2 and named in str(exit.value)
+
+
+def test_too_many_shared_layers_is_a_config_error():
+    from fastalign.algorithms import create_reference_model
+    from fastalign.errors import ConfigError
+    from fastalign.models.tiny import tiny_model
+
+    with pytest.raises(ConfigError, match=r"num_shared_layers must be in \[0, 1\] \(2 layers\), got 99"):
+        create_reference_model(tiny_model(), num_shared_layers=99)
+
+
+def test_a_reward_function_module_in_the_working_directory(tmp_path, monkeypatch):
+    # The fastalign script's sys.path holds its own folder, not the working directory: a user's
+    # myreward.py beside the config was "No module named 'myreward'".
+    (tmp_path / "cwd_reward_for_test.py").write_text("def score(queries, responses):\n    return [1.0] * len(queries)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", str(tmp_path))])
+    assert reward_function("cwd_reward_for_test:score")(["1="], ["1"]) == [1.0]

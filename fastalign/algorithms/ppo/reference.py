@@ -7,6 +7,8 @@ import re
 
 import torch
 
+from fastalign.errors import ConfigError
+
 # Decoder-layer names, to find where the layers shared with the reference stop.
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 
@@ -18,16 +20,16 @@ def create_reference_model(model: torch.nn.Module, num_shared_layers: int | None
     the policy's own, frozen in the policy too, so only the layers above are copied (``share=False``
     copies them anyway, frozen in both, for ZeRO-3, which cannot shard one tensor for two models)."""
     if num_shared_layers is not None and getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-        raise ValueError("num_shared_layers is for decoder-only models; an encoder-decoder model's reference is a copy")
+        raise ConfigError("num_shared_layers is for decoder-only models; an encoder-decoder model's reference is a copy")
     ref = copy.deepcopy(model).requires_grad_(False).eval()
     if num_shared_layers is None:
         return ref
     names = [n for n, _ in model.named_parameters()]
     layers = [int(m.group(1)) for n in names if (m := _LAYER.search(n))]
     if not layers:
-        raise ValueError(f"num_shared_layers: no decoder layers found in {type(model).__name__}'s parameter names")
+        raise ConfigError(f"num_shared_layers: no decoder layers found in {type(model).__name__}'s parameter names")
     if not 0 <= num_shared_layers <= max(layers):
-        raise ValueError(f"num_shared_layers must be in [0, {max(layers)}] ({max(layers) + 1} layers), got {num_shared_layers}")
+        raise ConfigError(f"num_shared_layers must be in [0, {max(layers)}] ({max(layers) + 1} layers), got {num_shared_layers}")
     for name, param in model.named_parameters():
         m = _LAYER.search(name)
         if m is not None and int(m.group(1)) >= num_shared_layers:

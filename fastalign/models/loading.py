@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import pickle
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from fastalign.data.hub import from_hub, looks_local, not_found
-from fastalign.errors import ConfigError
+from fastalign.errors import CheckpointError, ConfigError, UsageError
 
 from .seq2seq import is_encoder_decoder
 from .tiny import char_tokenizer, tiny_model
@@ -48,6 +50,19 @@ def attention_backend(device) -> tuple[str, str]:
     return "sdpa", f"{device.type}: sdpa with restarting position_ids and no attention mask"
 
 
+def _broken_safetensors(folder: Path) -> Path | None:
+    """The first safetensors file of ``folder`` whose header cannot be read, else None."""
+    from safetensors import safe_open
+
+    for file in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+        try:
+            with safe_open(str(file), "pt"):
+                pass
+        except Exception:
+            return file
+    return None
+
+
 def _located(name: str, load):
     """``load(name)`` for a model or tokenizer name that is not a built-in: a local path, or else a
     Hub name (see the module docstring)."""
@@ -56,8 +71,21 @@ def _located(name: str, load):
         guess = f"did you mean {close[0]!r}? " if close else ""
         raise ConfigError(f"{name!r} is not a built-in model; {guess}(built-in: {', '.join(BUILTIN)})")
     path = Path(name).expanduser()
+    if path.is_dir() and not any((path / f).is_file() for f in ("config.json", "tokenizer_config.json", "tokenizer.json")):
+        raise ConfigError(f"{name}: not a model folder (it holds no config.json; a model saved with save_pretrained, "
+                          f"or a built-in: {', '.join(BUILTIN)})")
     if path.exists():
-        return load(str(path))
+        try:
+            return load(str(path))
+        except UsageError:
+            raise
+        except pickle.UnpicklingError:  # transformers reads .bin weights with weights_only=True
+            raise ConfigError(f"{name}: its .bin weights hold Python objects besides tensors, which could run code; "
+                              "fastalign does not load them (save the model as safetensors)") from None
+        except (OSError, ValueError, KeyError, SafetensorError) as err:  # not a model, config.json not JSON, ...
+            broken = _broken_safetensors(path)
+            what = f"{broken}: cannot be read" if broken else f"{name}: cannot be loaded"
+            raise ConfigError(f"{what} ({type(err).__name__}: {_first_line(err)})") from None
     if looks_local(name):
         raise not_found(name, "model folder")
     return from_hub(lambda: load(name), "model", name, f"; built-in models: {', '.join(BUILTIN)}")
@@ -184,11 +212,27 @@ def prepare_model(model, tokenizer=None, peft_config=None, loader=load_model):
     return model, tokenizer, report
 
 
-def load_model_weights(model, checkpoint, exclude=()) -> None:
-    """Load the weights ``save_pretrained`` wrote in ``checkpoint`` into ``model`` (PEFT or not);
-    a model with its own ``load_saved_weights`` (the value-head model) loads itself."""
+def read_safetensors(path) -> dict:
+    """The tensors of a safetensors file; one that cannot be read (cut short, or not safetensors) is
+    a ``CheckpointError`` naming it."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path}: cannot be read ({type(err).__name__}: {_first_line(err)})") from None
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [""])[0]
+
+
+def load_model_weights(model, checkpoint, exclude=()) -> None:
+    """Load the weights ``save_pretrained`` wrote in ``checkpoint`` into ``model`` (PEFT or not);
+    a model with its own ``load_saved_weights`` (the value-head model) loads itself. A weights file
+    that cannot be read is a ``CheckpointError`` naming it."""
+    load_file = read_safetensors
     checkpoint = Path(checkpoint)
     if hasattr(model, "load_saved_weights"):
         model.load_saved_weights(checkpoint)

@@ -99,27 +99,23 @@ class CausalLMWithValueHead(nn.Module):
 
     def load_saved_weights(self, path) -> None:
         """Load what ``save_pretrained`` wrote in ``path`` (a checkpoint) into this model."""
-        from safetensors.torch import load_file
-
-        from .loading import load_model_weights
+        from .loading import load_model_weights, read_safetensors
 
         load_model_weights(self.pretrained_model, path, exclude=(HEAD_FILE,))
-        state = load_file(str(Path(path) / HEAD_FILE))
+        state = read_safetensors(Path(path) / HEAD_FILE)
         self.v_head.load_state_dict({k.removeprefix("v_head."): v for k, v in state.items()})
 
     @classmethod
     def from_pretrained(cls, model, **kwargs):
         """From a name, path or causal LM object; a saved value head beside it is loaded."""
-        from safetensors.torch import load_file
-
-        from .loading import load_model
+        from .loading import load_model, read_safetensors
 
         head_kwargs = {k: kwargs.pop(k) for k in ("summary_dropout_prob", "v_head_init_strategy",
                                                   "v_head_initializer_range") if k in kwargs}
         lm, _ = load_model(model, **kwargs)
         wrapped = cls(lm, **head_kwargs)
         if isinstance(model, str) and (Path(model) / HEAD_FILE).is_file():
-            state = load_file(str(Path(model) / HEAD_FILE))
+            state = read_safetensors(Path(model) / HEAD_FILE)
             wrapped.v_head.load_state_dict({k.removeprefix("v_head."): v for k, v in state.items()})
         return wrapped
 

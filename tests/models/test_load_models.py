@@ -72,3 +72,66 @@ def test_lora_target_modules_the_model_lacks_are_named_with_its_linear_layers():
     with pytest.raises(ConfigError, match=r"^LoRA target modules \['nonexistent_proj'\] \(lora_target_modules\): no "
                                           r"module of LlamaForCausalLM .* its linear layers are down_proj, .*q_proj"):
         prepare_model("fastalign/tiny-llama", peft_config=LoraConfig(target_modules=["nonexistent_proj"]))
+
+
+class _Runs:
+    """Unpickled, it writes a file: proof that loading ran code."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return exec, (f"open({self.path!r}, 'w').write('ran')",)
+
+
+def _saved(folder):
+    tiny_model().save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def _cut(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def test_a_model_folder_that_cannot_be_loaded_is_named(tmp_path):
+    # Each reached the command as a library's error without the folder or file (status 1).
+    from fastalign.errors import ConfigError
+
+    (tmp_path / "notes").mkdir()
+    with pytest.raises(ConfigError, match=r"notes: not a model folder \(it holds no config.json"):
+        load_model(str(tmp_path / "notes"))
+    bad = _saved(tmp_path / "bad")
+    (bad / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=rf"^{bad}: cannot be loaded \(OSError: .*config.json' is not a valid JSON"):
+        load_model(str(bad))
+    cut = _saved(tmp_path / "cut")
+    _cut(cut / "model.safetensors")
+    with pytest.raises(ConfigError, match=rf"^{cut / 'model.safetensors'}: cannot be read \(SafetensorError"):
+        load_model(str(cut))
+
+
+def test_bin_weights_that_would_run_code_are_refused(tmp_path):
+    from fastalign.errors import ConfigError
+
+    folder = _saved(tmp_path / "model")
+    (folder / "model.safetensors").unlink()
+    torch.save({"weight": _Runs(tmp_path / "ran")}, folder / "pytorch_model.bin")
+    with pytest.raises(ConfigError, match="its .bin weights hold Python objects besides tensors"):
+        load_model(str(folder))
+    assert not (tmp_path / "ran").exists()
+
+
+def test_checkpoint_weights_cut_short_are_named(tmp_path):
+    from fastalign.errors import CheckpointError
+    from fastalign.models import CausalLMWithValueHead
+    from fastalign.models.loading import load_model_weights
+
+    model = CausalLMWithValueHead(tiny_model())
+    model.save_pretrained(tmp_path / "ckpt")
+    _cut(tmp_path / "ckpt" / "value_head.safetensors")
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path / 'ckpt' / 'value_head.safetensors'}: cannot be read"):
+        model.load_saved_weights(tmp_path / "ckpt")
+    _cut(tmp_path / "ckpt" / "model.safetensors")
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path / 'ckpt' / 'model.safetensors'}: cannot be read"):
+        load_model_weights(tiny_model(), tmp_path / "ckpt", exclude=("value_head.safetensors",))

@@ -9,6 +9,8 @@ working directory first (as ``python -m`` does: ``myreward.py`` there is ``myrew
 from __future__ import annotations
 
 import importlib
+import math
+import numbers
 import os
 import sys
 
@@ -47,8 +49,28 @@ def named_function(spec: str, builtins: dict, kind: str = "reward_function"):
 
 
 def text_reward(spec: str):
-    """PPO's reward function by name (``sort_digits``) or ``package.module:function``."""
-    return named_function(spec, TEXT_REWARDS)
+    """PPO's reward function by name (``sort_digits``) or ``package.module:function``, its scores
+    checked when it runs: one finite number per response (a ``ConfigError`` naming the function),
+    and an exception in it named with the function."""
+    fn = named_function(spec, TEXT_REWARDS)
+
+    def checked(queries, responses):
+        try:
+            scores = fn(queries, responses)
+        except Exception as err:
+            raise RuntimeError(f"reward_function {spec!r} failed: {type(err).__name__}: {err}") from err
+        values = scores.tolist() if hasattr(scores, "tolist") else scores
+        if not isinstance(values, (list, tuple)) or len(values) != len(responses):
+            got = f"{len(values)} scores" if isinstance(values, (list, tuple)) else f"a {type(values).__name__}"
+            raise ConfigError(f"reward_function {spec!r} returned {got} for {len(responses)} responses (one number each)")
+        for i, value in enumerate(values):
+            value = value.item() if hasattr(value, "item") and getattr(value, "ndim", 1) == 0 else value
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ConfigError(f"reward_function {spec!r} returned {value!r} for response {i}: every score must be "
+                                  "a finite number")
+        return scores
+
+    return checked
 
 
 def image_reward(spec: str):

@@ -1,6 +1,7 @@
 """`fastalign train ppo`: the shipped configs build, the local one trains, reward sources are checked."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -93,3 +94,21 @@ def test_a_reward_function_module_in_the_working_directory(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", str(tmp_path))])
     assert reward_function("cwd_reward_for_test:score")(["1="], ["1"]) == [1.0]
+
+
+@pytest.mark.parametrize("body, error, named", [
+    ("return [float('nan')] * len(q)", ValueError, "returned nan for response 0: every score must be a finite number"),
+    ("return [1.0]", ValueError, "returned 1 scores for 2 responses (one number each)"),
+    ("return 3.0", ValueError, "returned a float for 2 responses"),
+    ("return 1 / 0", RuntimeError, "failed: ZeroDivisionError: division by zero"),
+])
+def test_a_reward_function_that_scores_wrongly_is_named(tmp_path, monkeypatch, body, error, named):
+    # PPO's step named "scores[0]" or "batch_size", not the user's function.
+    module = f"bad_reward_{abs(hash(body))}"
+    (tmp_path / f"{module}.py").write_text(f"def score(q, r):\n    {body}\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(error, match=rf"^reward_function '{module}:score' {re.escape(named)}"):
+        reward_function(f"{module}:score")(["1=", "2="], ["1", "2"])
+    assert reward_function("sort_digits")(["21="], ["12"]) == [1.0]
+    (tmp_path / "tensor_reward.py").write_text("import torch\ndef score(q, r):\n    return [torch.tensor(0.5)] * len(q)\n")
+    assert len(reward_function("tensor_reward:score")(["1="], ["1"])) == 1  # TRL's scores: 0-d tensors

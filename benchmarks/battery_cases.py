@@ -26,6 +26,11 @@ from benchmarks.battery import (
 R5 = ("row 5", "line 6")  # the sixth row, as a row index or a line number
 
 
+def plotted(run) -> str | None:
+    """``fastalign train`` drew the run's curves into ``out/plots``."""
+    return None if list((run.dir / "out" / "plots").glob("*.png")) else "no plots in out/plots"
+
+
 def bad(name, algo, mentions, **kw) -> Case:
     return Case(name, algo, expect=kw.pop("expect", "usage"), mentions=tuple(mentions), group=kw.pop("group", "config"),
                 **kw)
@@ -97,7 +102,7 @@ def data_cases() -> list[Case]:
             bad(f"{algo}/data-hub-name-offline", algo, [("someone/no-such-data",)],
                 config={"dataset_name": "someone/no-such-data"}, expect="error", **g),
             bad(f"{algo}/data-split-validation", algo, ["validation"], config={"dataset_train_split": "validation"}, **g),
-            ok(f"{algo}/valid-baseline", algo),
+            ok(f"{algo}/valid-baseline", algo, all_of(finished(), plotted)),
             ok(f"{algo}/valid-csv", algo, files={"data.csv": csv_text(rows, list(rows[0]))},
                config={"dataset_name": "data.csv"}),
             ok(f"{algo}/valid-parquet", algo, files={"data.parquet": parquet(rows)}, config={"dataset_name": "data.parquet"}),

@@ -120,29 +120,40 @@ def _wait(folder: Path, proc, trigger, rng: random.Random) -> str:
     return "never (the run had ended)"
 
 
-def kill_flow(algo: str, trigger, seed: int):
+def _resume_argv(folder: Path, argv: list, algo: str) -> list:
+    """The command again, resuming when the killed run left a checkpoint."""
+    if list((folder / "out").glob("checkpoint-*")):
+        return argv + [RESUME.get(algo, "--resume_from_checkpoint"), "true"]
+    return argv
+
+
+def kill_flow(algo: str, triggers: list, seed: int):
+    """The run killed at each of ``triggers`` in turn (each time started again as a user would:
+    resuming when there is a checkpoint), then run to its end."""
     def flow(folder: Path):
         rng = random.Random(seed)
         reference = shared_run(folder.parent, f"ref_{algo}", algo, KILL[algo])
         argv = prepare(Case("kill", algo, config=KILL[algo]), folder)
-        started = time.perf_counter()
-        with open(folder / "killed.err", "w") as err:
-            proc = subprocess.Popen([*COMMAND, *argv], cwd=folder, stdout=err, stderr=err, start_new_session=True)
-            hit = _wait(folder, proc, trigger, rng)
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        notes = [f"killed {hit}"]
-        if list((folder / "out").glob("checkpoint-*")):
-            run = fastalign(folder, argv + [RESUME.get(algo, "--resume_from_checkpoint"), "true"])
-        else:
-            run = fastalign(folder, argv)
-            if run.rc == 2:
-                notes.append("a rerun needed overwrite_output_dir: " + (error_lines(run.err) or ["?"])[0][18:120])
-                run = fastalign(folder, argv + ["--overwrite_output_dir", "true"])
+        started, notes = time.perf_counter(), []
+        for k, trigger in enumerate(triggers):
+            with open(folder / f"killed{k}.err", "w") as err:
+                proc = subprocess.Popen([*COMMAND, *_resume_argv(folder, argv, algo)], cwd=folder, stdout=err,
+                                        stderr=err, start_new_session=True)
+                hit = _wait(folder, proc, trigger, rng)
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            notes.append(f"killed {hit}")
+        resuming = _resume_argv(folder, argv, algo) != argv
+        run = fastalign(folder, _resume_argv(folder, argv, algo))
+        if run.rc == 2 and not resuming:
+            notes.append("a rerun needed overwrite_output_dir: " + (error_lines(run.err) or ["?"])[0][18:120])
+            run = fastalign(folder, argv + ["--overwrite_output_dir", "true"])
         seconds = time.perf_counter() - started
         if run.rc != 0:
             return judge(Case("resume", algo, expect="ok"), run) + (seconds,)
+        if resuming and "resumed from" not in run.err:
+            return "SILENT", "; ".join(notes + ["the resumed run does not say which checkpoint it resumed from"]), seconds
         ref_run = Run(reference, 0, "", "", 0)
         problem = same_weights(folder / "out", reference / "out", algo) or same_losses(run, ref_run, STEPS[algo])
         if problem:
@@ -158,8 +169,12 @@ def kill_flows() -> list[Flow]:
         ("dpo", ("checkpoint", 1)), ("dpo", ("saving", 4)), ("dpo", ("final", None)),
         ("ppo", ("checkpoint", 2)), ("ppo", ("saving", 3)), ("ddpo", ("checkpoint", 1)),
     ]
-    return [Flow(f"{algo}/kill-{kind}-{arg}".replace("-None", ""), algo, kill_flow(algo, (kind, arg), seed=i),
-                 "kill") for i, (algo, (kind, arg)) in enumerate(plan)]
+    flows = [Flow(f"{algo}/kill-{kind}-{arg}".replace("-None", ""), algo, kill_flow(algo, [(kind, arg)], seed=i),
+                  "kill") for i, (algo, (kind, arg)) in enumerate(plan)]
+    return flows + [
+        Flow("sft/kill-twice", "sft", kill_flow("sft", [("checkpoint", 2), ("saving", 4)], seed=20), "kill"),
+        Flow("dpo/kill-while-loading", "dpo", kill_flow("dpo", [("time", 4.0)], seed=21), "kill"),
+    ]
 
 
 class Evil:
@@ -282,9 +297,15 @@ def outdir_flows() -> list[Flow]:
         ("dpo/outdir-of-sft-refused", "dpo", [], "usage", ["out"], None, True, None),
         ("dpo/outdir-of-sft-resume", "dpo", ["--resume_from_checkpoint", "true"], "usage", ["data"], None, True, None),
         ("ppo/outdir-of-sft-refused", "ppo", [], "usage", ["out"], None, True, None),
+        ("sft/resume-into-another-folder", "sft", ["--output_dir", "out2", "--resume_from_checkpoint", "out/checkpoint-2"],
+         "any", ["checkpoint-2"], {"max_steps": 4}, True, None),
+        ("sft/resume-into-another-folder-other-data", "sft", ["--output_dir", "out2", "--resume_from_checkpoint",
+                                                               "out/checkpoint-2"], "usage", ["data"], other, True,
+         other_data),
     ]
-    flows = [Flow(n, a, outdir_flow(a, n, args, e, m, c, k, s,
-                                    check=all_of(finished(None), last_step(4)) if "extend" in n else None), "outdir")
+    checks = {"sft/outdir-resume-extend": all_of(finished(None), last_step(4), learning_after(2)),
+              "sft/resume-into-another-folder": all_of(finished(None, "out2"), last_step(4, "out2"))}
+    flows = [Flow(n, a, outdir_flow(a, n, args, e, m, c, k, s, check=checks.get(n)), "outdir")
              for n, a, args, e, m, c, k, s in plan]
     flows += [Flow("sft/outdir-user-files-only", "sft", user_files_flow, "outdir"),
               Flow("sft/outdir-after-failed-run", "sft", after_failure_flow, "outdir"),
@@ -298,10 +319,18 @@ def outdir_flows() -> list[Flow]:
     return flows
 
 
-def last_step(step: int):
+def last_step(step: int, output: str = "out"):
     def check(run: Run):
-        steps = [r["step"] for r in run.metrics() if "step" in r]
-        return None if steps and steps[-1] == step else f"metrics.jsonl ends at step {steps[-1:]} , not {step}"
+        steps = [r["step"] for r in run.metrics(output) if "step" in r]
+        return None if steps and steps[-1] == step else f"{output}/metrics.jsonl ends at step {steps[-1:]}, not {step}"
+    return check
+
+
+def learning_after(step: int):
+    """Every step after ``step`` (a resumed run's) had a learning rate above 0."""
+    def check(run: Run):
+        stalled = [r["step"] for r in run.metrics() if r.get("step", 0) > step and r.get("lr", 1) <= 0]
+        return f"steps {stalled} ran at learning rate 0" if stalled else None
     return check
 
 

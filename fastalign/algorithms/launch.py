@@ -147,6 +147,9 @@ def load_splits(run: dict, streaming: bool = False) -> tuple[object, object | No
 def launch_packed(trainer_class: type, config: TrainingConfig, run: dict) -> dict:
     """Build a trainer of rows (SFT, reward, DPO) from its config and run keys, and train it."""
     run = defaults(trainer_class.run_keys, run)
+    if config.eval_steps is not None and not run.get("dataset_test_split"):
+        raise ConfigError(f"eval_steps={config.eval_steps} evaluates the dataset_test_split, and there is none: name "
+                          "the split to evaluate, or leave eval_steps out")
     model, tokenizer = load_policy(trainer_class, run)
     train, evals = load_splits(run, streaming=bool(getattr(config, "streaming", False)))
     extra = load_reference(run) if REF_MODEL_KEY in trainer_class.run_keys else {}

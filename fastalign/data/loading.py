@@ -9,7 +9,7 @@ an in-memory ``datasets.Dataset``, or a plain list of row dicts. Everything goes
   ``row 1050, column 'score': a string, unlike row 0 (a number)``), found by reading the file
   again only then (or when ``datasets`` read a column of mixed kinds, which it would change);
 - a split the source does not have is a ``ConfigError`` naming the ones it has; a single data file
-  holds one split, ``train``;
+  holds one split, ``train``; a configuration name (``name``) is refused for a local path;
 - a CSV cell is text, as written (``0278`` stays ``0278``, not the number 278; a margin is read
   as a number where it is used), and missing only when empty: ``NA``, ``null`` or ``nan`` stay
   the text they are;
@@ -62,6 +62,9 @@ def load_rows(source, split: str = "train", name: str | None = None, streaming: 
     if not isinstance(source, (str, Path)):
         raise TypeError(f"cannot read a dataset from a {type(source).__name__}")
     shown, path = str(source), Path(source).expanduser()
+    if name is not None and path.exists():
+        raise ConfigError(f"dataset_config {name!r}: {shown} is a local {'file' if path.is_file() else 'folder'}, which "
+                          "has no configurations (dataset_config names one of a Hub data set's)")
     if path.is_file():
         return _read_file(path, shown, split, streaming)
     if path.is_dir():

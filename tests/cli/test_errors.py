@@ -169,3 +169,11 @@ def test_an_output_dir_that_is_no_folder_is_refused_before_anything_loads(tmp_pa
     status, _, err = fastalign(sft_argv(tmp_path) + ["--output_dir", target])
     assert status == 2 and error_lines(err) == [f"fastalign: error: {named.format(tmp=tmp_path)}"]
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_eval_steps_without_a_split_to_evaluate_is_refused(tmp_path, fastalign, no_loading):
+    # It was ignored: the run evaluated nothing.
+    status, _, err = fastalign(sft_argv(tmp_path, None, "--eval_steps", "2"))
+    assert status == 2 and error_lines(err) == [
+        "fastalign: error: eval_steps=2 evaluates the dataset_test_split, and there is none: name the split to "
+        "evaluate, or leave eval_steps out"]

@@ -256,6 +256,15 @@ def test_a_folder_of_files_has_the_splits_of_their_names(tmp_path):
             load_rows(str(tmp_path), split=split)
 
 
+def test_a_configuration_name_for_a_local_path_is_refused(tmp_path):
+    # It was ignored for a file, and a ValueError of datasets (status 1) for a folder.
+    path = write_jsonl(tmp_path / "rows.jsonl", PAIRS)
+    with pytest.raises(ConfigError, match=rf"^dataset_config 'foo': {path} is a local file, which has no configurations"):
+        load_rows(str(path), name="foo")
+    with pytest.raises(ConfigError, match=rf"^dataset_config 'foo': {tmp_path} is a local folder"):
+        load_rows(str(tmp_path), name="foo")
+
+
 # Local paths and the Hub.
 
 @pytest.mark.parametrize("name", ["pairs.jsonl", "data/pairs.jsonl", "./pairs", "~/no-such-fastalign-file.jsonl",

@@ -351,7 +351,6 @@ def config_cases() -> list[Case]:
         ok("sft/valid-dashed-key", "sft", finished(3), args=["--max-steps", "3"]),
         ok("sft/valid-peft", "sft", finished(name="adapter_model.safetensors"), args=["--use_peft", "true"]),
         ok("sft/valid-tensorboard", "sft", args=["--report_to", "[tensorboard]"]),
-        ok("sft/valid-epochs", "sft", config={"max_steps": DELETE, "num_train_epochs": 2}, check=finished(None)),
         ok("dpo/valid-reference-free", "dpo", args=["--reference_free", "true"]),
         ok("dpo/valid-precompute-ref", "dpo", args=["--precompute_ref_log_probs", "true"]),
         ok("ppo/valid-score-scaling", "ppo", args=["--use_score_scaling", "true", "--use_score_norm", "true"]),
@@ -388,5 +387,48 @@ def model_cases() -> list[Case]:
     ]
 
 
+def checkpoints_are(*names):
+    def check(run):
+        found = sorted(p.name for p in (run.dir / "out").glob("checkpoint-*"))
+        return None if found == sorted(names) else f"checkpoints {found}, not {sorted(names)}"
+    return check
+
+
+def logged_steps(*steps):
+    def check(run):
+        found = [r["step"] for r in run.metrics() if "loss" in r]
+        return None if found == list(steps) else f"losses logged at steps {found}, not {list(steps)}"
+    return check
+
+
+def epochs_run(epochs: float):
+    def check(run):
+        last = [r["epoch"] for r in run.metrics() if "epoch" in r][-1:]
+        return None if last and abs(last[0] - epochs) < 1e-9 else f"ended at epoch {last}, not {epochs}"
+    return check
+
+
+def honoured_cases() -> list[Case]:
+    """Values that must not be ignored, and the mistakes of ignoring one."""
+    g = {"group": "config"}
+    return [
+        ok("sft/honoured-save-total-limit", "sft", all_of(finished(3), checkpoints_are("checkpoint-3")),
+           args=["--max_steps", "3", "--save_steps", "1", "--save_total_limit", "1"]),
+        ok("sft/honoured-logging-steps", "sft", all_of(finished(4), logged_steps(2, 4)),
+           args=["--max_steps", "4", "--logging_steps", "2"]),
+        ok("sft/honoured-max-length", "sft", all_of(finished(), says(r"[1-9]\d* truncated", "the truncation")),
+           args=["--max_length", "8"]),
+        ok("sft/honoured-epochs", "sft", all_of(finished(None), epochs_run(2.0)),
+           config={"max_steps": DELETE, "num_train_epochs": 2}),
+        bad("sft/cfg-dataset-config-on-file", "sft", ["dataset_config"], args=["--dataset_config", "foo"], **g),
+        bad("sft/cfg-dataset-config-on-folder", "sft", ["dataset_config"], files={"datadir/train.jsonl": SFT},
+            config={"dataset_name": "datadir", "dataset_config": "foo"}, **g),
+        bad("sft/cfg-eval-steps-without-split", "sft", ["eval_steps"], args=["--eval_steps", "1"], **g),
+        bad("sft/data-folder-of-other-files", "sft", ["datadir"], files={"datadir/a.jsonl": SFT,
+                                                                         "datadir/b.jsonl": PAIRS},
+            config={"dataset_name": "datadir"}, group="data"),
+    ]
+
+
 def cases() -> list[Case]:
-    return data_cases() + row_cases() + config_cases() + model_cases()
+    return data_cases() + row_cases() + config_cases() + model_cases() + honoured_cases()

@@ -52,9 +52,17 @@ def read_run(checkpoint: Path) -> dict:
     """``trainer_state.json`` of ``checkpoint``: its ``step`` and the ``run`` that wrote it."""
     path = Path(checkpoint) / PLAIN_STATE_FILE
     try:
-        return json.loads(path.read_text())
+        plain = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{path}: not a complete fastalign checkpoint ({err})") from None
+    if not isinstance(plain, dict):
+        raise CheckpointError(f"{path}: expected a JSON object with 'step' and 'run', found {type(plain).__name__}")
+    step, run = plain.get("step"), plain.get("run", {})
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"{path}: 'step' must be a whole number >= 0, found {step!r}")
+    if not isinstance(run, dict):
+        raise CheckpointError(f"{path}: 'run' must be a JSON object, found {run!r}")
+    return plain
 
 
 def load_tensors(path: Path, map_location=None):

@@ -192,3 +192,15 @@ def test_a_trainer_state_a_resume_would_refuse_is_never_saved(tmp_path):
     with pytest.raises(TypeError, match="numpy"):
         trainer.save_checkpoint()
     assert ckpt.checkpoints(tmp_path) == []
+
+
+@pytest.mark.parametrize("plain", ['{"step": "two"}', '{"step": -1}', '{"step": true}', '[2]',
+                                   '{"step": 2, "run": "sft"}'])
+def test_a_trainer_state_json_of_the_wrong_shape_is_named(tmp_path, plain):
+    from fastalign.engine.checkpoint_state import read_run
+    from fastalign.errors import CheckpointError
+
+    (tmp_path / "trainer_state.json").write_text(plain)
+    with pytest.raises(CheckpointError, match="trainer_state.json") as err:
+        read_run(tmp_path)
+    assert "\n" not in str(err.value)

@@ -92,8 +92,11 @@ def error_line(error: BaseException, with_type: bool = False) -> str:
     return "fastalign: error: " + " ".join(text.split())
 
 
+BARE = "\0bare"  # a key given without a value: ``true`` for a key that takes a boolean, else an error
+
+
 def parse_overrides(items: list[str]) -> dict:
-    """``["--lr", "1e-4", "--bf16", "--name=x"]`` -> ``{"lr": "1e-4", "bf16": "true", "name": "x"}``
+    """``["--lr", "1e-4", "--bf16", "--name=x"]`` -> ``{"lr": "1e-4", "bf16": BARE, "name": "x"}``
     (values stay text until ``build_config`` reads them for their field)."""
     out, i = {}, 0
     while i < len(items):
@@ -106,10 +109,26 @@ def parse_overrides(items: list[str]) -> dict:
         elif i + 1 < len(items) and not items[i + 1].startswith("--"):
             value, i = items[i + 1], i + 1
         else:
-            value = "true"
+            value = BARE
         out[key.replace("-", "_")] = value
         i += 1
     return out
+
+
+# transformers.TrainingArguments names a user may bring, and what fastalign's configs take instead
+# (fastalign.trl takes them as they are).
+_BATCH = "fastalign batches by tokens: set max_tokens_per_batch, rows are packed up to it"
+TRAINING_ARGUMENTS = {
+    "per_device_train_batch_size": _BATCH, "per_device_eval_batch_size": _BATCH, "train_batch_size": _BATCH,
+    "fp16": "float16 training is not supported: use bf16=true or dtype=bfloat16",
+    "evaluation_strategy": "evaluation runs every eval_steps steps on dataset_test_split",
+    "eval_strategy": "evaluation runs every eval_steps steps on dataset_test_split",
+    "save_strategy": "checkpoints are written every save_steps steps",
+    "logging_strategy": "metrics are logged every logging_steps steps",
+    "optim": "fastalign trains with AdamW (learning_rate, adam_beta1/2, adam_epsilon, weight_decay); "
+             "fastalign.trl takes other optimizers",
+    "lr": "did you mean 'learning_rate'?",
+}
 
 
 def _read(kind, text, key: str):
@@ -157,8 +176,15 @@ def build_config(config_class, values: dict, keys: dict | None = None):
         hints = []
         for key in unknown:
             close = difflib.get_close_matches(key, sorted(set(fields) | set(keys)), n=1)
-            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            hint = TRAINING_ARGUMENTS.get(key) or (f"did you mean {close[0]!r}?" if close else "")
+            hints.append(f"{key!r}" + (f" ({hint})" if hint else ""))
         raise ConfigError(f"unknown config key(s) for {config_class.__name__}: {', '.join(hints)}")
+    for key, value in values.items():
+        if value is BARE:
+            takes_bool = fits(True, fields[key]) if key in fields else keys[key].kind is bool
+            if not takes_bool:
+                raise ConfigError(f"--{key} needs a value (--{key} VALUE or --{key}=VALUE)")
+            values[key] = "true"
     run = {k: _run_value(keys[k], v) for k, v in values.items() if k in keys}
     return config_class(**{k: _read(fields[k], v, k) for k, v in values.items() if k in fields}), run
 

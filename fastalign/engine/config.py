@@ -53,7 +53,7 @@ def deepspeed_settings(given) -> dict:
 @dataclass
 class TrainingConfig:
     output_dir: str = option("runs/fastalign", "where checkpoints, metrics.jsonl, plots and the final model go")
-    seed: int = option(42, "seeds weights, shuffling, dropout and sampling", ge=0)
+    seed: int = option(42, "seeds weights, shuffling, dropout and sampling", ge=0, le=2**32 - 1)
     # Optimisation: AdamW, a warmup then a linear/cosine decay (or constant), clipping.
     learning_rate: float = option(5e-5, "the peak learning rate, reached after the warmup", ge=0)
     weight_decay: float = option(0.0, "AdamW's decoupled weight decay", ge=0)

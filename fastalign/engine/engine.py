@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 
 import torch
 from transformers import get_scheduler
@@ -88,6 +89,17 @@ def weights_finite(params: list[torch.Tensor]) -> bool:
     return bool(torch.isfinite(torch.stack([n.float().to(norms[0].device) for n in norms])).all())
 
 
+def schedule_warnings(config: TrainingConfig, num_training_steps: int | None, custom: bool = False) -> list[str]:
+    """What in the rate's settings is almost surely a mistake, though a run can go on with it."""
+    found = []
+    if not custom and config.learning_rate == 0:
+        found.append("learning_rate is 0: the weights will not change")
+    if num_training_steps and config.warmup_steps > num_training_steps:
+        found.append(f"warmup_steps={config.warmup_steps} is longer than the run ({num_training_steps} optimizer "
+                     "steps): the learning rate never reaches learning_rate")
+    return found
+
+
 class Engine:
     """Owns the trained model's optimizer, schedule, precision and (optionally) DeepSpeed."""
 
@@ -118,6 +130,9 @@ class Engine:
             lr_scheduler = get_scheduler(kind, self.optimizer, num_warmup_steps=warmup_steps(config, num_training_steps),
                                          num_training_steps=num_training_steps)
         self.lr_scheduler = lr_scheduler
+        if distributed.is_main():
+            for line in schedule_warnings(config, num_training_steps, custom=optimizer is not None):
+                print(f"fastalign: warning: {line}", file=sys.stderr)
         self.deepspeed = None
         if planned_zero_stage(config) is not None:
             self.deepspeed = distributed.initialize_training(self, config)

@@ -72,3 +72,20 @@ def test_shipped_deepspeed_presets_fill_in_from_the_config():
         assert ds["gradient_clipping"] == 0.5 and ds["bf16"] == {"enabled": True} and ds["train_micro_batch_size_per_gpu"] == 1
     with pytest.raises(ValueError, match="unknown short keys"):
         deepspeed_config(SFTConfig(deepspeed={"stag": 3}))
+
+
+def test_a_key_without_a_value_is_true_only_for_a_boolean():
+    config, _ = cli.build_config(SFTConfig, cli.parse_overrides(["--bf16", "--resume_from_checkpoint"]))
+    assert config.bf16 is True and config.resume_from_checkpoint is True
+    for key in ("--output_dir", "--max_steps"):
+        with pytest.raises(SystemExit, match=f"{key} needs a value"):
+            cli.build_config(SFTConfig, cli.parse_overrides([key]))
+    with pytest.raises(SystemExit, match="--dataset_name needs a value"):
+        cli.build_config(SFTConfig, cli.parse_overrides(["--max_steps", "3", "--dataset_name"]))
+
+
+@pytest.mark.parametrize("key, hint", [("per_device_train_batch_size", "max_tokens_per_batch"), ("fp16", "bf16"),
+                                       ("evaluation_strategy", "eval_steps"), ("optim", "AdamW")])
+def test_training_arguments_names_say_what_to_use_instead(key, hint):
+    with pytest.raises(SystemExit, match=f"'{key}' \\(.*{hint}"):
+        cli.build_config(SFTConfig, {key: 1})

@@ -34,6 +34,8 @@ def test_every_field_is_checked_for_its_type(config_class):
     (SFTConfig, "max_steps", "abc"),
     (SFTConfig, "max_steps", -2),
     (SFTConfig, "seed", "abc"),
+    (SFTConfig, "seed", 2**32),  # numpy seeds take 32 bits
+    (DDPOConfig, "seed", -1),
     (SFTConfig, "lr_scheduler_type", "zigzag"),
     (SFTConfig, "truncation_mode", "middle"),
     (SFTConfig, "report_to", [1]),

@@ -173,3 +173,18 @@ def test_rows_that_cannot_be_trained_on_are_named_with_their_file(tmp_path):
                      stream_window_rows=3).train()
     with pytest.raises(DataError, match=rf"^{path}: nothing left to train on .*: 8 rows: 8 truncated, 8 dropped"):
         make_trainer(tmp_path, train_dataset=load_rows(str(path)), max_length=2, truncation_mode="keep_start")
+
+
+@pytest.mark.parametrize("overrides, said", [
+    ({"warmup_steps": 50, "max_steps": 2}, "warmup_steps=50 is longer than the run (2 optimizer steps)"),
+    ({"learning_rate": 0.0}, "learning_rate is 0"),
+])
+def test_a_rate_that_cannot_train_as_meant_is_said(tmp_path, capsys, overrides, said):
+    make_trainer(tmp_path, **overrides).train()
+    err = capsys.readouterr().err
+    assert f"fastalign: warning: {said}" in err
+
+
+def test_a_usual_schedule_says_nothing(tmp_path, capsys):
+    make_trainer(tmp_path, warmup_steps=2, max_steps=4).train()
+    assert "warning" not in capsys.readouterr().err

@@ -22,7 +22,7 @@ class DDPOConfig:
     """
 
     output_dir: str = option("runs/ddpo", "where checkpoints, metrics.jsonl, plots and the final pipeline go")
-    seed: int = option(0, "seeds the noise, the shuffles and the timesteps", ge=0)
+    seed: int = option(0, "seeds the noise, the shuffles and the timesteps", ge=0, le=2**32 - 1)
     num_epochs: int = option(100, "epochs of sampling then training", ge=1)
     save_freq: int = option(1, "epochs between checkpoints", ge=1)
     num_checkpoint_limit: int = option(5, "checkpoints kept, the oldest removed first", ge=1)

@@ -24,6 +24,7 @@ import difflib
 import functools
 import json
 import os
+import signal
 import sys
 import textwrap
 import traceback
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import yaml
 
-from fastalign.errors import ConfigError, UsageError
+from fastalign.errors import ConfigError, Interrupted, UsageError
 from fastalign.options import fits, specs
 
 # Libraries whose deprecation warnings are theirs to act on (one per process and call site, they
@@ -336,17 +337,32 @@ def _command(argv: list[str]) -> int:
     return 0
 
 
+def distributed_main() -> bool:
+    from fastalign.engine import distributed
+
+    return distributed.is_main()
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``fastalign ARGV``: its exit status (0 done, 2 a usage error, 1 a failure while running)."""
+    """``fastalign ARGV``: its exit status (0 done, 2 a usage error, 1 a failure while running,
+    128 + the signal when SIGINT or SIGTERM stopped it: 130 for Ctrl-C)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("FASTALIGN_DEBUG", "0") not in ("", "0")
     argv = [arg for arg in argv if arg != "--debug"]
+    if not debug:  # datasets logs a parse failure before raising it; the one error line says it better
+        os.environ.setdefault("DATASETS_VERBOSITY", "critical")
     with warnings.catch_warnings():
         if not debug:
             for category in (DeprecationWarning, FutureWarning):
                 warnings.filterwarnings("ignore", category=category, module=LIBRARIES)
         try:
             return _command(argv)
+        except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM during training (Interrupted)
+            if debug:
+                traceback.print_exc()
+            if not isinstance(err, Interrupted) or distributed_main():
+                print(f"fastalign: {err}" if isinstance(err, Interrupted) else "\nfastalign: interrupted", file=sys.stderr)
+            return 128 + getattr(err, "signal", signal.SIGINT)
         except Exception as err:
             status = 2 if isinstance(err, (UsageError, FileNotFoundError)) else 1
             if debug:

@@ -28,3 +28,15 @@ class ConfigError(UsageError, ValueError):
 
 class CheckpointError(UsageError, RuntimeError):
     """A checkpoint or output folder that does not belong to this run, or cannot be read."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by SIGINT (Ctrl-C) or SIGTERM (a scheduler's preemption) at a step boundary,
+    after saving a checkpoint to resume from: ``signal`` (its number), ``step``, ``checkpoint`` (the
+    folder saved, or None when the trainer keeps no checkpoints)."""
+
+    def __init__(self, signal: int, step: int, total: int, checkpoint=None, resume_key: str = "resume_from_checkpoint"):
+        self.signal, self.step, self.total, self.checkpoint = signal, step, total, checkpoint
+        saved = (f": saved {checkpoint}; resume with {resume_key}=true" if checkpoint is not None
+                 else "; nothing was saved")
+        super().__init__(f"interrupted at step {step} of {total}{saved}")

@@ -21,6 +21,7 @@ weight-0 copy, so every process does the same forwards (ZeRO-3 needs it) and no 
 from __future__ import annotations
 
 import math
+import sys
 import time
 from typing import TypeVar
 
@@ -84,6 +85,29 @@ class LossPasses:
         return dict(zip(keys, distributed.all_reduce_sum([totals[k] for k in keys], self.engine.device)))
 
 
+ROTARY = ("rope_theta", "rope_scaling", "rope_parameters", "rotary_dim", "rotary_pct", "partial_rotary_factor")
+
+
+def check_positions(model, store: TokenStore) -> None:
+    """Sequences longer than the model's ``max_position_embeddings``: refused for a model of learned
+    positions (it has none past them), said once for rotary ones (positions it was not trained on)."""
+    config = getattr(model, "config", None)
+    positions = getattr(config, "max_position_embeddings", None)
+    if not isinstance(positions, int) or not len(store):
+        return
+    row, tokens = store.longest_sequence()
+    if tokens <= positions:
+        return
+    where = f"{store.source}: " if store.source else ""
+    text = (f"{where}row {row} has a sequence of {tokens} tokens, more than the model's max_position_embeddings="
+            f"{positions}")
+    if not any(getattr(config, key, None) is not None for key in ROTARY):
+        raise DataError(f"{text}: set max_length to at most {positions}")
+    if distributed.is_main():
+        print(f"fastalign: warning: {text}: positions past it were never trained (set max_length to keep within it)",
+              file=sys.stderr)
+
+
 class Trainer(LossPasses, Checkpointed):
     # How an epoch is planned (unit lengths, token budget -> arrays of units) and how a micro-batch
     # is built (units, extras -> batch): packed by default; an encoder-decoder model's trainer sets
@@ -101,6 +125,9 @@ class Trainer(LossPasses, Checkpointed):
         if not self.streamed and len(train_data.kept) == 0:
             where = f"{train_data.source}: " if train_data.source else ""
             raise DataError(f"{where}nothing left to train on after tokenization and truncation: {train_data.report}")
+        for data in (train_data, eval_data):
+            if isinstance(data, TokenStore):
+                check_positions(model, data)
         self.args = args
         self.tokenizer = tokenizer
         self.train_batches = self.make_batches(train_data)
@@ -227,7 +254,7 @@ class Trainer(LossPasses, Checkpointed):
         set_seed(args.seed)  # the run repeats whatever ran between construction and train()
         start = self.start_run(args.resume_from_checkpoint)
         loop = Loop(args.output_dir, self.num_training_steps, start, report_to=args.report_to,
-                    show_bar=not args.disable_tqdm)
+                    show_bar=not args.disable_tqdm, device=self.engine.device)
         self.logger = loop.logger
         began, losses = time.perf_counter(), []
 

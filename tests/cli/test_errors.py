@@ -35,7 +35,7 @@ def no_loading(monkeypatch):
 @pytest.mark.parametrize("extra, named", [
     (["--max_steps", "abc"], "max_steps must be an integer >= -1, got 'abc'"),
     (["--max_steps", "2.5"], "max_steps must be an integer >= -1, got 2.5"),
-    (["--seed", "abc"], "seed must be an integer >= 0, got 'abc'"),
+    (["--seed", "abc"], "seed must be an integer >= 0 and <= 4294967295, got 'abc'"),
     (["--bf16", "maybe"], "bf16 must be true or false, got 'maybe'"),
     (["--save_steps", "-1"], "save_steps must be an integer >= 1 or null, got -1"),
     (["--max_grad_norm", "-1"], "max_grad_norm must be a number >= 0 or null, got -1"),
@@ -177,3 +177,21 @@ def test_eval_steps_without_a_split_to_evaluate_is_refused(tmp_path, fastalign, 
     assert status == 2 and error_lines(err) == [
         "fastalign: error: eval_steps=2 evaluates the dataset_test_split, and there is none: name the split to "
         "evaluate, or leave eval_steps out"]
+
+
+@pytest.mark.parametrize("error, status, said", [
+    (KeyboardInterrupt(), 130, "fastalign: interrupted"),  # Ctrl-C while loading: nothing to save
+    ("interrupted", 143, "fastalign: interrupted at step 3 of 10: saved run/checkpoint-3; resume with "
+                         "resume_from_checkpoint=true"),
+])
+def test_an_interrupted_run_is_one_line_and_128_plus_the_signal(tmp_path, fastalign, monkeypatch, error, status, said):
+    import signal
+    from pathlib import Path
+
+    from fastalign.errors import Interrupted
+
+    if error == "interrupted":
+        error = Interrupted(signal.SIGTERM, 3, 10, Path("run/checkpoint-3"))
+    monkeypatch.setattr(SFTTrainer, "launch", _fail(error))
+    got, _, err = fastalign(sft_argv(tmp_path))
+    assert got == status and err.strip() == said

@@ -72,6 +72,38 @@ def test_killed_run_resumes_exactly(tmp_path, data):
         assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_run_saves_where_it_stopped_and_resumes_exactly(tmp_path, sig):
+    # Ctrl-C or a scheduler's SIGTERM: the step under way ends, a checkpoint is saved at that step,
+    # and the resumed run ends as an uninterrupted one.
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    assert run(whole, "fresh", 0.0).wait(timeout=300) == 0
+    proc = run(stopped, "fresh", 0.3, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (stopped / "checkpoint-2").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be stopped"
+        time.sleep(0.01)
+    time.sleep(0.15)  # into step 3
+    proc.send_signal(sig)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode != 0 and "Interrupted: interrupted at step " in err  # the Python API raises Interrupted
+    last = ckpt.checkpoints(stopped)[-1]
+    step = int(last.name.split("-")[1])
+    assert 3 <= step < 10 and f"saved {last}; resume with resume_from_checkpoint=true" in err
+    assert max(r["step"] for r in read_metrics(stopped) if "loss" in r) == step  # nothing done after the save
+    assert run(stopped, "resume", 0.0).wait(timeout=300) == 0
+    want = [(r["step"], r["loss"]) for r in read_metrics(whole) if "loss" in r]
+    assert [(r["step"], r["loss"]) for r in read_metrics(stopped) if "loss" in r] == want
+
+
+def test_interrupted_says_where_to_resume():
+    from fastalign.errors import Interrupted
+
+    err = Interrupted(signal.SIGTERM, 7, 10, Path("out/checkpoint-7"))
+    assert isinstance(err, KeyboardInterrupt) and err.step == 7
+    assert str(err) == "interrupted at step 7 of 10: saved out/checkpoint-7; resume with resume_from_checkpoint=true"
+
+
 class _Boom(RuntimeError):
     pass
 

@@ -306,7 +306,7 @@ class DDPOTrainer(Checkpointed):
         start = self.first_epoch if c.resume_from else 0
         loop = Loop(c.output_dir, total, start, report_to=c.report_to, show_bar=not c.disable_tqdm,
                     keep_records_to=start * c.optimizer_steps_per_epoch, bar_keys=BAR_KEYS, bar_desc="ddpo epochs",
-                    bar_unit="epoch")
+                    bar_unit="epoch", device=self.engine.device, resume_key="resume_from")
         self.logger = loop.logger
         began, self.last_stats = time.perf_counter(), {}
 

@@ -22,6 +22,7 @@ from fastalign.engine.checkpoint import Checkpointed, Checkpointer, hf_weights
 from fastalign.engine.loop import POSITION, Cadence, Loop
 from fastalign.engine.metrics import peak_memory_gb
 from fastalign.models import head_logprobs, load_model, load_reward_model, packed_hidden, prepare_model
+from fastalign.models.loading import check_shared_tokens
 
 from ..dpo import disable_dropout
 from .config import GroupConfig
@@ -64,9 +65,15 @@ class GroupTrainer(Checkpointed):
         set_seed(args.seed)
         if train_dataset is None:
             raise ValueError(f"{type(self).__name__} needs a train_dataset of prompts")
-        self.rewards = RewardFunctions.of(reward_funcs, args.reward_weights, lambda name: load_reward_model(name)[0])
         model, tokenizer, self.attention = prepare_model(model, processing_class or tokenizer, peft_config,
                                                          self.model_loader)
+
+        def scorer(name):  # a reward model reads the policy's token ids
+            loaded = load_reward_model(name)[0]
+            check_shared_tokens(model, tokenizer, loaded, name, "reward_funcs")
+            return loaded
+
+        self.rewards = RewardFunctions.of(reward_funcs, args.reward_weights, scorer)
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token (set tokenizer.pad_token = tokenizer.eos_token)")
         if args.disable_dropout:
@@ -225,7 +232,7 @@ class GroupTrainer(Checkpointed):
                   f"{c.max_prompt_length} tokens (max_prompt_length)", file=sys.stderr)
         start = self.start_run(c.resume_from_checkpoint, self.global_step)
         loop = Loop(c.output_dir, self.num_training_steps, start, report_to=c.report_to, show_bar=not c.disable_tqdm,
-                    bar_keys=BAR_KEYS)
+                    bar_keys=BAR_KEYS, device=self.engine.device)
         self.logger = loop.logger
         began, last = time.perf_counter(), {}
 

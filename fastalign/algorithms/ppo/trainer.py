@@ -34,6 +34,7 @@ from fastalign.models import (
     packed_scores,
     prepare_model,
 )
+from fastalign.models.loading import check_shared_tokens
 
 from .config import PPOConfig
 from .forwards import PACKED, forwards_for
@@ -111,7 +112,10 @@ class PPOTrainer(Checkpointed):
         self.ref_model = None if ref_model is None else distributed.wrap_for_inference(ref_model, self.engine)
         self.reward_model = None
         if reward_model is not None:
-            self.reward_model = distributed.wrap_for_inference(load_reward_model(reward_model)[0], self.engine)
+            scorer = load_reward_model(reward_model)[0]
+            if isinstance(reward_model, str):
+                check_shared_tokens(lm, tokenizer, scorer, reward_model, "reward_model")
+            self.reward_model = distributed.wrap_for_inference(scorer, self.engine)
         self.kl_ctl = (AdaptiveKLController(config.init_kl_coef, config.target, config.horizon) if config.adap_kl_ctrl
                        else FixedKLController(config.init_kl_coef))
         self.running = RunningMoments()
@@ -387,7 +391,7 @@ class PPOTrainer(Checkpointed):
         start = self.start_run(c.resume_from_checkpoint, self.global_step)
         # A resumed run keeps metrics.jsonl's records up to its checkpoint; a fresh one starts it anew.
         loop = Loop(c.output_dir, total, start, report_to=c.report_to, show_bar=not c.disable_tqdm,
-                    keep_records_to=start if resumed else 0, bar_keys=BAR_KEYS)
+                    keep_records_to=start if resumed else 0, bar_keys=BAR_KEYS, device=self.engine.device)
         self.logger = loop.logger
         began, last = time.perf_counter(), {}
         batches = endless(self.dataloader, skip=start)

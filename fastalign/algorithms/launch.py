@@ -125,13 +125,18 @@ def load_policy(trainer_class: type, run: dict) -> tuple[torch.nn.Module, object
     return model, tokenizer
 
 
-def load_reference(run: dict) -> dict:
-    """``{"ref_model": model}`` when the run names a separate reference model, else ``{}``."""
+def load_reference(run: dict, policy, tokenizer) -> dict:
+    """``{"ref_model": model}`` when the run names a separate reference model (one that reads the
+    policy's tokens), else ``{}``."""
     from fastalign.models import load_model
+    from fastalign.models.loading import check_shared_tokens
 
-    if not run.get("ref_model_name_or_path"):
+    name = run.get("ref_model_name_or_path")
+    if not name:
         return {}
-    return {"ref_model": load_model(run["ref_model_name_or_path"], **model_options(run))[0]}
+    reference = load_model(name, **model_options(run))[0]
+    check_shared_tokens(policy, tokenizer, reference, name, "ref_model_name_or_path")
+    return {"ref_model": reference}
 
 
 def load_splits(run: dict, streaming: bool = False) -> tuple[object, object | None]:
@@ -152,7 +157,7 @@ def launch_packed(trainer_class: type, config: TrainingConfig, run: dict) -> dic
                           "the split to evaluate, or leave eval_steps out")
     model, tokenizer = load_policy(trainer_class, run)
     train, evals = load_splits(run, streaming=bool(getattr(config, "streaming", False)))
-    extra = load_reference(run) if REF_MODEL_KEY in trainer_class.run_keys else {}
+    extra = load_reference(run, model, tokenizer) if REF_MODEL_KEY in trainer_class.run_keys else {}
     trainer = trainer_class(model, args=config, train_dataset=train, eval_dataset=evals, tokenizer=tokenizer,
                             peft_config=peft_config(run, trainer_class.peft_task_type), **extra)
     for split, report in trainer.reports.items():

@@ -228,6 +228,14 @@ class TokenStore:
     def __len__(self) -> int:
         return len(self.lengths)
 
+    def longest_sequence(self) -> tuple[int, int]:
+        """``(row, tokens)``: the data set row holding the longest single sequence (a half of a pair)."""
+        if not len(self.lengths):
+            return self.first_row, 0
+        longest = np.max([h.ids.lengths() for h in self.halves], axis=0)
+        row = int(np.argmax(longest))
+        return self.first_row + row, int(longest[row])
+
     def unit(self, i: int) -> list[Sequence]:
         """Row ``i``'s sequences, the loss mask from the prompt length or the stored mask."""
         out = []

@@ -178,6 +178,24 @@ def load_reward_model(model, *, dtype=None, trust_remote_code: bool = False, dev
     return model, report
 
 
+def check_shared_tokens(policy, tokenizer, other, name: str, key: str) -> None:
+    """Refuse ``other`` (the model ``name`` given by run key ``key``: a reference or reward model),
+    which reads the policy's token ids, unless it reads them as the policy does: its tokenizer
+    saved beside it, if any, is ``tokenizer``; else its vocabulary has the policy's size."""
+    theirs = None
+    if name in BUILTIN or (Path(name).expanduser() / "tokenizer_config.json").is_file():
+        theirs = load_tokenizer(name)
+    if theirs is not None and tokenizer is not None:
+        if theirs.get_vocab() != tokenizer.get_vocab():
+            raise ConfigError(f"{key}={name}: its tokenizer is not the policy's ({len(theirs)} tokens, the policy's "
+                              f"{len(tokenizer)}); it reads the policy's token ids, so both must share one tokenizer")
+        return
+    sizes = [getattr(getattr(m, "config", None), "vocab_size", None) for m in (policy, other)]
+    if None not in sizes and sizes[0] != sizes[1]:
+        raise ConfigError(f"{key}={name}: its vocabulary has {sizes[1]} tokens, the policy's {sizes[0]}; it reads the "
+                          "policy's token ids, so both must share one tokenizer")
+
+
 def _decoder_only(model):
     """``model``, unless it is an encoder-decoder model: reward models read a score at each packed
     sequence's last token (TRL 0.7.10's RewardTrainer has no encoder-decoder path either)."""

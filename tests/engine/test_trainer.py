@@ -188,3 +188,26 @@ def test_a_rate_that_cannot_train_as_meant_is_said(tmp_path, capsys, overrides, 
 def test_a_usual_schedule_says_nothing(tmp_path, capsys):
     make_trainer(tmp_path, warmup_steps=2, max_steps=4).train()
     assert "warning" not in capsys.readouterr().err
+
+
+LONG = [{"prompt": "q", "completion": "ab" * 30}] + ROWS[:5]  # row 0: 62 tokens with BOS and EOS
+
+
+def test_rows_past_the_models_positions_are_refused_for_learned_positions(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from fastalign.errors import DataError
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=100, n_positions=32, n_embd=32, n_layer=1, n_head=2))
+    with pytest.raises(DataError, match="row 0 has a sequence of .* tokens, more than the model's "
+                                        "max_position_embeddings=32: set max_length to at most 32"):
+        make_trainer(tmp_path, model=model, train_dataset=LONG)
+    make_trainer(tmp_path, model=model, train_dataset=LONG, max_length=32)  # cut to fit: no error
+
+
+def test_rows_past_the_models_positions_are_said_for_rotary_positions(tmp_path, capsys):
+    model = tiny_model("llama", hidden_size=32, layers=1, heads=2, max_positions=40)
+    make_trainer(tmp_path, model=model, train_dataset=LONG)
+    assert "fastalign: warning: row 0 has a sequence of" in capsys.readouterr().err
+    make_trainer(tmp_path, model=model, train_dataset=ROWS)
+    assert "warning" not in capsys.readouterr().err

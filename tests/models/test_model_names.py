@@ -68,3 +68,42 @@ def test_a_hub_model_in_the_local_cache_loads_at_once_while_the_hub_is_unreachab
     assert time.monotonic() - start < 5
     assert type(model).__name__ == "Qwen2ForCausalLM" and model.config.hidden_size == 32
     assert tokenizer("ab")["input_ids"] == char_tokenizer()("ab")["input_ids"]
+
+
+def _saved(folder, vocab_size=100, tokenizer=None):
+    from fastalign.models.tiny import tiny_model
+
+    model = tiny_model("llama", vocab_size=vocab_size, hidden_size=32, layers=1, heads=2)
+    model.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return model
+
+
+def test_a_second_model_must_read_the_policys_tokens(tmp_path):
+    from fastalign.errors import ConfigError
+    from fastalign.models.loading import check_shared_tokens
+    from fastalign.models.tiny import char_tokenizer, tiny_model
+
+    policy, tokenizer = tiny_model("llama", hidden_size=32, layers=1, heads=2), char_tokenizer()
+    same = _saved(tmp_path / "same", tokenizer=char_tokenizer())
+    check_shared_tokens(policy, tokenizer, same, str(tmp_path / "same"), "ref_model_name_or_path")
+    check_shared_tokens(policy, tokenizer, same, "fastalign/tiny-qwen2", "ref_model_name_or_path")  # one tokenizer
+    other = char_tokenizer()
+    other.add_tokens(["<extra>"])
+    with pytest.raises(ConfigError, match=r"ref_model_name_or_path=.*other: its tokenizer is not the policy's \(101 tokens"):
+        check_shared_tokens(policy, tokenizer, _saved(tmp_path / "other", 101, other), str(tmp_path / "other"),
+                            "ref_model_name_or_path")
+    bare = _saved(tmp_path / "bare", vocab_size=120)  # no tokenizer beside it: the vocabulary sizes
+    with pytest.raises(ConfigError, match="reward_model=.*bare: its vocabulary has 120 tokens, the policy's 100"):
+        check_shared_tokens(policy, tokenizer, bare, str(tmp_path / "bare"), "reward_model")
+
+
+def test_dpo_refuses_a_reference_of_another_vocabulary(tmp_path):
+    from fastalign.algorithms.launch import load_reference
+    from fastalign.errors import ConfigError
+    from fastalign.models.tiny import char_tokenizer, tiny_model
+
+    _saved(tmp_path / "ref", vocab_size=120)
+    with pytest.raises(ConfigError, match="ref_model_name_or_path"):
+        load_reference({"ref_model_name_or_path": str(tmp_path / "ref")}, tiny_model("llama"), char_tokenizer())

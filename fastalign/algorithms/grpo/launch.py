@@ -24,5 +24,5 @@ def launch_group(trainer_class: type, config: GroupConfig, run: dict) -> dict:
     model, tokenizer = common.load_policy(trainer_class, run)
     prompts, _ = common.load_splits(run)
     trainer = trainer_class(model, run["reward_funcs"], args=config, train_dataset=prompts, processing_class=tokenizer,
-                            peft_config=common.peft_config(run), **common.load_reference(run))
+                            peft_config=common.peft_config(run), **common.load_reference(run, model, tokenizer))
     return trainer.train()

@@ -65,5 +65,5 @@ def launch_ppo(trainer_class: type, config: PPOConfig, run: dict) -> dict:
     prompts, _ = load_splits(run)
     trainer = trainer_class(config, model, tokenizer=tokenizer, dataset=prompts, peft_config=peft_config(run),
                             num_shared_layers=run["num_shared_layers"], reward_model=run["reward_model_name_or_path"],
-                            **load_reference(run))
+                            **load_reference(run, model, tokenizer))
     return trainer.train(reward_fn, run["generation_kwargs"])

@@ -430,5 +430,37 @@ def honoured_cases() -> list[Case]:
     ]
 
 
+def other_vocabulary(path) -> None:
+    """A model folder whose vocabulary is not the built-in tokenizer's (120 tokens, no tokenizer)."""
+    from fastalign.models.tiny import tiny_model
+
+    tiny_model("llama", vocab_size=120, hidden_size=32, layers=1, heads=2).save_pretrained(path)
+
+
+def habit_cases() -> list[Case]:
+    """Habits from other tools and settings that cannot do what they seem to."""
+    g = {"group": "config"}
+    long_row = {"prompt": "Say it long: ", "completion": "ab" * 200}  # past the tiny model's 256 positions
+    return [
+        bad("sft/cli-bare-output-dir", "sft", ["--output_dir"], args=["--output_dir"], **g),
+        bad("sft/cli-bare-max-steps", "sft", ["--max_steps"], args=["--max_steps"], **g),
+        bad("sft/cfg-seed=2**32", "sft", ["seed"], args=["--seed", str(2**32)], **g),
+        bad("sft/cfg-per-device-batch-size", "sft", ["per_device_train_batch_size", "max_tokens_per_batch"],
+            config={"per_device_train_batch_size": 4}, **g),
+        bad("sft/cfg-fp16", "sft", ["fp16", "bf16"], config={"fp16": True}, **g),
+        ok("sft/warmup-longer-than-run", "sft", all_of(finished(), says("warning: warmup_steps=50", "the warmup "
+                                                                        "outlasts the run")),
+           args=["--warmup_steps", "50"]),
+        ok("sft/learning-rate-zero", "sft", all_of(finished(), says("warning: learning_rate is 0", "nothing will "
+                                                                    "train")),
+           args=["--learning_rate", "0"]),
+        ok("sft/row-past-positions", "sft", all_of(finished(), says("warning: .*row 5 has a sequence of",
+                                                                    "the row past the model's positions")),
+           files=row5("sft", long_row), config={"max_length": None, "max_tokens_per_batch": 1024}),
+        bad("dpo/ref-other-vocabulary", "dpo", ["ref_model_name_or_path", "tokenizer"],
+            files={"refmodel": other_vocabulary}, config={"ref_model_name_or_path": "refmodel"}),
+    ]
+
+
 def cases() -> list[Case]:
-    return data_cases() + row_cases() + config_cases() + model_cases() + honoured_cases()
+    return data_cases() + row_cases() + config_cases() + model_cases() + honoured_cases() + habit_cases()

@@ -162,6 +162,52 @@ def kill_flow(algo: str, triggers: list, seed: int):
     return flow
 
 
+def signal_flow(algo: str, sig: int, seed: int):
+    """Ctrl-C (SIGINT to the process group) or a scheduler's SIGTERM after the second checkpoint:
+    the run must stop with 128 + the signal and one line naming the checkpoint to resume from (no
+    traceback), and the resumed run end with the uninterrupted run's weights and losses."""
+    def flow(folder: Path):
+        rng = random.Random(seed)
+        reference = shared_run(folder.parent, f"ref_{algo}", algo, KILL[algo])
+        argv = prepare(Case("signal", algo, config=KILL[algo]), folder)
+        started = time.perf_counter()
+        with open(folder / "stopped.err", "w") as err:
+            proc = subprocess.Popen([*COMMAND, *argv], cwd=folder, stdout=err, stderr=err, start_new_session=True)
+            hit = _wait(folder, proc, ("checkpoint", 2), rng)
+            if proc.poll() is None:
+                os.killpg(proc.pid, sig)
+            try:
+                rc = proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                return "SLOW", f"{signal.Signals(sig).name} {hit}: still running 120 s later", time.perf_counter() - started
+        said = (folder / "stopped.err").read_text()
+        name = signal.Signals(sig).name
+        if hit.startswith("never"):
+            return "UNCLEAR", "the run ended before the signal (make it longer)", time.perf_counter() - started
+        if rc == 0 and "Traceback" not in said:  # the signal came in the last step: the run ends whole
+            problem = same_weights(folder / "out", reference / "out", algo)
+            seconds = time.perf_counter() - started
+            if problem:
+                return "DATA_LOST", f"{name} {hit}: finished, but {problem}", seconds
+            return "GOOD", f"{name} {hit}, in the last step: the run finished with the uninterrupted run's weights", seconds
+        if "Traceback" in said or rc != 128 + sig:
+            return "TRACEBACK" if "Traceback" in said else "UNCLEAR", f"{name} {hit}: status {rc}", time.perf_counter() - started
+        lines = [line for line in said.splitlines() if "interrupted at step" in line]
+        if len(lines) != 1 or "checkpoint-" not in lines[0]:
+            return "UNCLEAR", f"{name}: no single line naming the checkpoint ({lines})", time.perf_counter() - started
+        run = fastalign(folder, _resume_argv(folder, argv, algo))
+        seconds = time.perf_counter() - started
+        if run.rc != 0:
+            return judge(Case("resume", algo, expect="ok"), run) + (seconds,)
+        problem = same_weights(folder / "out", reference / "out", algo) or same_losses(run, Run(reference, 0, "", "", 0),
+                                                                                       STEPS[algo])
+        if problem:
+            return "DATA_LOST", f"{name} {hit}: {problem}", seconds
+        return "GOOD", f"{name} {hit}: {lines[0].strip()}; resumed to the uninterrupted run's weights and losses", seconds
+    return flow
+
+
 def kill_flows() -> list[Flow]:
     plan = [
         ("sft", ("checkpoint", 2)), ("sft", ("saving", 3)), ("sft", ("time", 1.0)), ("sft", ("final", None)),
@@ -171,6 +217,9 @@ def kill_flows() -> list[Flow]:
     ]
     flows = [Flow(f"{algo}/kill-{kind}-{arg}".replace("-None", ""), algo, kill_flow(algo, [(kind, arg)], seed=i),
                   "kill") for i, (algo, (kind, arg)) in enumerate(plan)]
+    stops = [("sft", signal.SIGINT), ("dpo", signal.SIGTERM), ("ppo", signal.SIGINT), ("ddpo", signal.SIGTERM)]
+    flows += [Flow(f"{algo}/stop-{signal.Signals(sig).name.lower()}", algo, signal_flow(algo, sig, seed=30 + i), "kill")
+              for i, (algo, sig) in enumerate(stops)]
     return flows + [
         Flow("sft/kill-twice", "sft", kill_flow("sft", [("checkpoint", 2), ("saving", 4)], seed=20), "kill"),
         Flow("dpo/kill-while-loading", "dpo", kill_flow("dpo", [("time", 4.0)], seed=21), "kill"),

@@ -457,6 +457,8 @@ def habit_cases() -> list[Case]:
         ok("sft/row-past-positions", "sft", all_of(finished(), says("warning: .*row 5 has a sequence of",
                                                                     "the row past the model's positions")),
            files=row5("sft", long_row), config={"max_length": None, "max_tokens_per_batch": 1024}),
+        bad("ppo/cfg-batch-over-prompts", "ppo", ["batch_size", "3 prompts"], files={"data.jsonl": PROMPTS[:3]},
+            args=["--batch_size", "8"]),
         bad("dpo/ref-other-vocabulary", "dpo", ["ref_model_name_or_path", "tokenizer"],
             files={"refmodel": other_vocabulary}, config={"ref_model_name_or_path": "refmodel"}),
     ]

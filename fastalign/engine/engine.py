@@ -70,7 +70,7 @@ def adamw(model: torch.nn.Module, config: TrainingConfig) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; biases and norm weights (1-d) get no weight decay."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ValueError("the model has no trainable parameters")
+        raise ConfigError("the model has no trainable parameters (every weight is frozen)")
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},

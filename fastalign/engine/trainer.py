@@ -205,7 +205,7 @@ class Trainer(LossPasses, Checkpointed):
         each process builds and runs its own share."""
         total_weight = sum(self.train_batches.weight(k) for k in group)
         if total_weight <= 0:
-            raise ValueError(f"step {self.global_step}: its micro-batches carry no loss (weight 0)")
+            raise DataError(f"step {self.global_step}: its micro-batches carry no loss (weight 0)")
         # Under DeepSpeed every process runs exactly gradient_accumulation_steps of them, the
         # micro-batches its config says a step has (``_pass`` marks the last one too).
         size = self.group_size if self.engine.deepspeed is not None else len(group)

@@ -174,7 +174,8 @@ def load_reward_model(model, *, dtype=None, trust_remote_code: bool = False, dev
     if model.get_output_embeddings() is not None:  # a causal LM: swap its head for a scalar one
         model = as_reward_model(model)
     if getattr(model.config, "num_labels", 1) != 1:
-        raise ValueError(f"a reward model has one label; {type(model).__name__} has {model.config.num_labels}")
+        raise ConfigError(f"a reward model has one label (a scalar score); {type(model).__name__} has "
+                          f"{model.config.num_labels}")
     return model, report
 
 
@@ -270,4 +271,5 @@ def load_model_weights(model, checkpoint, exclude=()) -> None:
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:
-        raise ValueError(f"{checkpoint}: weights do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise CheckpointError(f"{checkpoint}: weights do not match the model (missing {missing[:5]}, unexpected "
+                              f"{unexpected[:5]})")

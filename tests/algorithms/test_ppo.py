@@ -552,3 +552,12 @@ def test_a_prompt_too_long_for_its_budget_is_named_before_any_generation(tmp_pat
                              disable_tqdm=True), small(), tokenizer=char_tokenizer(), dataset=str(path))
     with pytest.raises(ConfigError, match=rf"^{path}: prompt row {len(prompts) - 1} has \d+ tokens"):
         t.train(digit_reward, {"max_new_tokens": 16})
+
+
+def test_a_batch_larger_than_the_prompts_is_a_config_error(tmp_path):
+    from fastalign.errors import ConfigError
+
+    prompts = [{"query": f"{i}+1="} for i in range(3)]
+    with pytest.raises(ConfigError, match=r"batch_size=8 \(x 1 processes\) is more than the 3 prompts"):
+        PPOTrainer(PPOConfig(batch_size=8, output_dir=str(tmp_path)), small(), tokenizer=char_tokenizer(),
+                   dataset=prompts)

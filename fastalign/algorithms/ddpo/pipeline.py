@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from fastalign.errors import ConfigError
+
 if TYPE_CHECKING:
     import PIL.Image
     from diffusers import StableDiffusionPipeline
@@ -31,7 +33,7 @@ def load_pipeline(pipeline: object) -> StableDiffusionPipeline:
         pipeline = StableDiffusionPipeline.from_pretrained(str(pipeline), safety_checker=None)
     for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         if getattr(pipeline, part, None) is None:
-            raise ValueError(f"the pipeline has no {part}: DDPO needs a Stable Diffusion pipeline")
+            raise ConfigError(f"the pipeline has no {part}: DDPO needs a Stable Diffusion pipeline")
     if not isinstance(pipeline.scheduler, DDIMScheduler):
         pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
     pipeline.set_progress_bar_config(disable=True)

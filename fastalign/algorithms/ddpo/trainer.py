@@ -20,6 +20,7 @@ from fastalign.engine import checkpoint as ckpt
 from fastalign.engine.checkpoint import Checkpointed, Checkpointer
 from fastalign.engine.engine import Engine, default_device
 from fastalign.engine.loop import Cadence, Loop
+from fastalign.errors import ConfigError
 from fastalign.kernels.ddpo import ddim_step_with_logprob, ddpo_loss
 from fastalign.kernels.rl import PerPromptStatTracker
 
@@ -186,10 +187,10 @@ class DDPOTrainer(Checkpointed):
             rewards = rewards.detach().cpu()
         rewards = torch.as_tensor(np.asarray(rewards, dtype=np.float64)).flatten()
         if rewards.numel() != len(prompts):
-            raise ValueError(f"reward_function returned {rewards.numel()} rewards for {len(prompts)} images")
+            raise ConfigError(f"reward_function returned {rewards.numel()} rewards for {len(prompts)} images (one each)")
         bad = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
         if bad:
-            raise ValueError(f"reward_function returned a non-finite reward for image {bad[0]} "
+            raise ConfigError(f"reward_function returned a non-finite reward for image {bad[0]} "
                              f"(prompt {prompts[bad[0]]!r}): {rewards[bad[0]].item()}")
         return rewards, reward_metadata
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fastalign.errors import ConfigError
 from fastalign.tasks.registry import TEXT_REWARDS, named_function
 
 
@@ -83,7 +84,7 @@ class RewardFunctions:
             else:
                 raise TypeError(f"a reward function must be a callable, a name or a reward model, got {type(f).__name__}")
         if weights is not None and len(weights) != len(funcs):
-            raise ValueError(f"reward_weights has {len(weights)} weights for {len(funcs)} reward functions")
+            raise ConfigError(f"reward_weights has {len(weights)} weights for {len(funcs)} reward functions")
         w = torch.ones(len(funcs)) if weights is None else torch.tensor(weights, dtype=torch.float32)
         return cls(funcs, names, w)
 
@@ -103,7 +104,7 @@ class RewardFunctions:
                 continue
             values = list(_call(fn, prompts, completions, completion_ids, columns))
             if len(values) != len(completions):
-                raise ValueError(f"reward function {name!r} returned {len(values)} rewards for {len(completions)} "
+                raise ConfigError(f"reward function {name!r} returned {len(values)} rewards for {len(completions)} "
                                  "completions: one per completion")
             out[:, i] = torch.tensor([float("nan") if v is None else float(v) for v in values])
         return out

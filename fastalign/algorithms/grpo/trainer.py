@@ -21,6 +21,7 @@ from fastalign.engine import Engine, distributed
 from fastalign.engine.checkpoint import Checkpointed, Checkpointer, hf_weights
 from fastalign.engine.loop import POSITION, Cadence, Loop
 from fastalign.engine.metrics import peak_memory_gb
+from fastalign.errors import ConfigError, DataError
 from fastalign.models import head_logprobs, load_model, load_reward_model, packed_hidden, prepare_model
 from fastalign.models.loading import check_shared_tokens
 
@@ -137,12 +138,12 @@ class GroupTrainer(Checkpointed):
         """Prompt rows with ``query`` and ``input_ids`` (``fastalign.data.prompts``); conversational
         prompts (lists of messages) rendered with the chat template, the assistant's turn opened."""
         if isinstance(dataset, datasets.IterableDataset):
-            raise ValueError("GRPO and RLOO sample prompts from a data set they can index, not a stream")
+            raise ConfigError("GRPO and RLOO sample prompts from a data set they can index, not a stream")
         rows = load_rows(dataset) if isinstance(dataset, (str, Path)) else dataset
         rows = render_conversations(rows, self.tokenizer)
         prepared = tokenize_prompts(rows, self.tokenizer, self.args.dataset_num_proc, distributed.local_main_first)
         if len(prepared) == 0:
-            raise ValueError("the data set of prompts is empty")
+            raise DataError(f"{dataset if isinstance(dataset, (str, Path)) else 'the data set'}: holds no prompts")
         return prepared
 
     # ---- one optimizer step ----------------------------------------------------------------------

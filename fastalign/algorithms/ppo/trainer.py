@@ -22,6 +22,7 @@ from fastalign.engine.checkpoint import Checkpointed, Checkpointer, hf_weights
 from fastalign.engine.engine import planned_zero_stage
 from fastalign.engine.loop import Cadence, Loop, last_window
 from fastalign.engine.metrics import peak_memory_gb
+from fastalign.errors import ConfigError
 from fastalign.kernels.gae import compute_advantages
 from fastalign.kernels.ppo import ppo_loss
 from fastalign.kernels.rl import AdaptiveKLController, FixedKLController, RunningMoments, masked_whiten
@@ -102,7 +103,7 @@ class PPOTrainer(Checkpointed):
                               "for the reference (ZeRO-3 cannot shard one tensor for two models)", stacklevel=2)
             ref_model = create_reference_model(lm, num_shared_layers, share=stage != 3)
         elif num_shared_layers is not None:
-            raise ValueError("num_shared_layers is for a copied reference; a PEFT model's reference is the model with "
+            raise ConfigError("num_shared_layers is for a copied reference; a PEFT model's reference is the model with "
                              "its adapters disabled")
         # TRL steps no schedule of its own: the rate stays put (after warmup_steps, 0 by default)
         # unless an lr_scheduler is given, and that one steps once per PPO step, not per optimizer step.
@@ -125,8 +126,8 @@ class PPOTrainer(Checkpointed):
         self.dataloader = None
         if self.dataset is not None:
             if len(self.dataset) < config.batch_size * self.world_size:
-                raise ValueError(f"the dataset has {len(self.dataset)} prompts, fewer than one PPO batch "
-                                 f"(batch_size {config.batch_size} x {self.world_size} processes)")
+                raise ConfigError(f"batch_size={config.batch_size} (x {self.world_size} processes) is more than the "
+                                  f"{len(self.dataset)} prompts of the data set: lower it, or give more prompts")
             self.dataloader = prompt_loader(self.dataset, config.batch_size, config.seed, self.data_collator)
         self.checkpointer = Checkpointer(self.engine, config.output_dir, hf_weights(model, tokenizer), self.extra_state,
                                          self.load_extra_state, config.save_total_limit,
@@ -149,7 +150,7 @@ class PPOTrainer(Checkpointed):
         """Rows with ``query`` (text) and ``input_ids`` (the query's tokens), from rows holding either
         (``fastalign.data.prompts``: a ``datasets.Dataset`` is tokenized once, cached)."""
         if self.config.streaming or isinstance(dataset, datasets.IterableDataset):
-            raise ValueError("PPO samples its prompts from a data set it can index: streaming is for sft, reward and dpo")
+            raise ConfigError("PPO samples its prompts from a data set it can index: streaming is for sft, reward and dpo")
         return tokenize_prompts(load_rows(dataset) if isinstance(dataset, (str, Path)) else dataset, self.tokenizer,
                                 self.config.dataset_num_proc, distributed.local_main_first)
 

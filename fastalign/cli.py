@@ -299,7 +299,11 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="fastalign", allow_abbrev=False,
         description=f"Kernel-accelerated, padding-free alignment training. Algorithms: {names}.",
-        epilog="Exit status: 0 done, 2 a mistake in the config, data or paths given, 1 a failure while running.")
+        epilog="Exit status: 0 done, 2 a mistake in the config, data or paths given, 1 a failure while running, "
+               "130 or 143 stopped by SIGINT or SIGTERM (after saving a checkpoint).")
+    from fastalign import __version__
+
+    parser.add_argument("--version", action="version", version=f"fastalign {__version__}")
     parser.add_argument("--debug", action="store_true", help="on a failure, the traceback too (also "
                         "FASTALIGN_DEBUG=1); show the libraries' deprecation warnings; anywhere on the line")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -311,7 +315,8 @@ def _parser() -> argparse.ArgumentParser:
                                      usage=f"fastalign train {name} [--config FILE] [--key value ...]")
         p_algo.add_argument("--config", help="YAML file of config keys (see configs/); --key value overrides one")
     p_demo = sub.add_parser("demo", help="the embedded demo: a tiny model learns to sort digits, then DDPO, on CPU")
-    p_demo.add_argument("--output-dir", default="runs/demo")
+    p_demo.add_argument("--output-dir", "--output_dir", dest="output_dir", default="runs/demo",
+                        help="where the demo's runs go (default: runs/demo)")
     p_plot = sub.add_parser("plot", help="write PNG curves of RUN_DIR/metrics.jsonl into RUN_DIR/plots")
     p_plot.add_argument("run_dir")
     return parser

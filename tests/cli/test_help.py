@@ -52,3 +52,14 @@ def test_train_help_lists_every_key_with_type_default_and_help(algo, capsys):
         entry = blocks[key.name]
         assert " ".join(key.help.split()) in entry and key.kind.__name__ in entry
         assert ("(required)" in entry) if key.required else f"default: {json.dumps(key.default)}" in entry
+
+
+def test_version_and_the_demo_folder_in_either_spelling(capsys):
+    from fastalign import __version__
+
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"fastalign {__version__}"
+    for flag in ("--output-dir", "--output_dir"):
+        args = cli._parser().parse_args(["demo", flag, "somewhere"])
+        assert args.output_dir == "somewhere"

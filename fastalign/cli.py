@@ -117,7 +117,7 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 # transformers.TrainingArguments names a user may bring, and what fastalign's configs take instead
-# (fastalign.trl takes them as they are).
+# (the TRL drop-in layer takes them as they are).
 _BATCH = "fastalign batches by tokens: set max_tokens_per_batch, rows are packed up to it"
 TRAINING_ARGUMENTS = {
     "per_device_train_batch_size": _BATCH, "per_device_eval_batch_size": _BATCH, "train_batch_size": _BATCH,
@@ -127,7 +127,7 @@ TRAINING_ARGUMENTS = {
     "save_strategy": "checkpoints are written every save_steps steps",
     "logging_strategy": "metrics are logged every logging_steps steps",
     "optim": "fastalign trains with AdamW (learning_rate, adam_beta1/2, adam_epsilon, weight_decay); "
-             "fastalign.trl takes other optimizers",
+             "the TRL drop-in layer (from fastalign import trl) takes other optimizers",
     "lr": "did you mean 'learning_rate'?",
 }
 

@@ -459,6 +459,9 @@ def habit_cases() -> list[Case]:
            files=row5("sft", long_row), config={"max_length": None, "max_tokens_per_batch": 1024}),
         bad("ppo/cfg-batch-over-prompts", "ppo", ["batch_size", "3 prompts"], files={"data.jsonl": PROMPTS[:3]},
             args=["--batch_size", "8"]),
+        bad("ppo/cfg-reward-module-syntax-error", "ppo", ["reward_function", "brokenreward"],
+            files={"brokenreward.py": "def score(queries, responses:\n    return [0.0] * len(queries)\n"},
+            config={"reward_function": "brokenreward:score"}),
         bad("dpo/ref-other-vocabulary", "dpo", ["ref_model_name_or_path", "tokenizer"],
             files={"refmodel": other_vocabulary}, config={"ref_model_name_or_path": "refmodel"}),
     ]

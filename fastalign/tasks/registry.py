@@ -43,6 +43,9 @@ def named_function(spec: str, builtins: dict, kind: str = "reward_function"):
         fn = getattr(importlib.import_module(module), name, None)
     except ImportError as err:
         raise ConfigError(f"{kind} {spec!r}: cannot import {module} ({err})") from None
+    except Exception as err:  # the module itself fails: a syntax error, an exception at its top level
+        raise ConfigError(f"{kind} {spec!r}: importing {module} failed: {type(err).__name__}: "
+                          f"{' '.join(str(err).split())}") from None
     if not callable(fn):
         raise ConfigError(f"{kind} {spec!r}: {module} has no function {name!r}")
     return fn

@@ -96,6 +96,20 @@ def test_a_reward_function_module_in_the_working_directory(tmp_path, monkeypatch
     assert reward_function("cwd_reward_for_test:score")(["1="], ["1"]) == [1.0]
 
 
+@pytest.mark.parametrize("source, named", [
+    ("def score(q, r:\n    return q\n", r"importing broken_reward_\w+ failed: SyntaxError: .* \(broken_reward_\w+\.py, line 1\)"),
+    ("raise KeyError('API_TOKEN')\n", r"importing broken_reward_\w+ failed: KeyError: 'API_TOKEN'"),
+])
+def test_a_reward_function_module_that_fails_to_import_is_a_config_error(tmp_path, monkeypatch, source, named):
+    from fastalign.errors import ConfigError
+
+    module = f"broken_reward_{abs(hash(source)) % 10**6}"
+    (tmp_path / f"{module}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError, match=named):
+        reward_function(f"{module}:score")
+
+
 @pytest.mark.parametrize("body, error, named", [
     ("return [float('nan')] * len(q)", ValueError, "returned nan for response 0: every score must be a finite number"),
     ("return [1.0]", ValueError, "returned 1 scores for 2 responses (one number each)"),

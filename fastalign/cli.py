@@ -93,7 +93,7 @@ def error_line(error: BaseException, with_type: bool = False) -> str:
     return "fastalign: error: " + " ".join(text.split())
 
 
-BARE = "\0bare"  # a key given without a value: ``true`` for a key that takes a boolean, else an error
+BARE = object()  # a key given without a value: ``true`` for a key that takes a boolean, else an error
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -166,6 +166,13 @@ def _run_value(key, value):
     return key.check(value)
 
 
+def _bare(key: str, kind, run_key) -> str:
+    """A key given without a value: true for a key that takes a boolean, else an error."""
+    if not (fits(True, kind) if kind is not None else run_key.kind is bool):
+        raise ConfigError(f"--{key} needs a value (--{key} VALUE or --{key}=VALUE)")
+    return "true"
+
+
 @_exiting
 def build_config(config_class, values: dict, keys: dict | None = None):
     """``(config, run)``: the algorithm config and the run keys (``keys``: name -> ``RunKey``, by
@@ -180,12 +187,7 @@ def build_config(config_class, values: dict, keys: dict | None = None):
             hint = TRAINING_ARGUMENTS.get(key) or (f"did you mean {close[0]!r}?" if close else "")
             hints.append(f"{key!r}" + (f" ({hint})" if hint else ""))
         raise ConfigError(f"unknown config key(s) for {config_class.__name__}: {', '.join(hints)}")
-    for key, value in values.items():
-        if value is BARE:
-            takes_bool = fits(True, fields[key]) if key in fields else keys[key].kind is bool
-            if not takes_bool:
-                raise ConfigError(f"--{key} needs a value (--{key} VALUE or --{key}=VALUE)")
-            values[key] = "true"
+    values = {k: _bare(k, fields.get(k), keys.get(k)) if v is BARE else v for k, v in values.items()}
     run = {k: _run_value(keys[k], v) for k, v in values.items() if k in keys}
     return config_class(**{k: _read(fields[k], v, k) for k, v in values.items() if k in fields}), run
 
@@ -342,12 +344,6 @@ def _command(argv: list[str]) -> int:
     return 0
 
 
-def distributed_main() -> bool:
-    from fastalign.engine import distributed
-
-    return distributed.is_main()
-
-
 def main(argv: list[str] | None = None) -> int:
     """``fastalign ARGV``: its exit status (0 done, 2 a usage error, 1 a failure while running,
     128 + the signal when SIGINT or SIGTERM stopped it: 130 for Ctrl-C)."""
@@ -365,7 +361,9 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM during training (Interrupted)
             if debug:
                 traceback.print_exc()
-            if not isinstance(err, Interrupted) or distributed_main():
+            from fastalign.engine import distributed
+
+            if distributed.is_main():
                 print(f"fastalign: {err}" if isinstance(err, Interrupted) else "\nfastalign: interrupted", file=sys.stderr)
             return 128 + getattr(err, "signal", signal.SIGINT)
         except Exception as err:

@@ -16,7 +16,6 @@ stops at once.
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import sys
 import threading
@@ -118,12 +117,11 @@ class Loop:
         """Run the units; returns the final evaluation (``{}`` without ``evaluate``), logged at
         step ``total``. ``shown()``, if given, is what the bar shows after each unit (default: the
         last record logged). The logger is closed however the run ends."""
-        final = {}
-        stop = StopRequest()
+        final, stop = {}, StopRequest()
         try:
             # The final evaluation and save run under the same guard: a signal then lets them end
             # (the run is complete), a second one stops at once.
-            with stop if self.total > self.start else contextlib.nullcontext():
+            with stop:
                 self._units(step, every, window, evaluate, save, shown, stop)
                 if evaluate is not None:
                     final = evaluate()
